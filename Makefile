@@ -1,0 +1,59 @@
+# Two entry points for a fresh machine:
+#   make serve   create .venv, install the service, start it on the bundled model
+#   make test    create .venv, install the dev tools, run lint, types and the test suite
+# Both are idempotent: the venv is (re)built only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Extra pip arguments, e.g. PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" for CPU-only torch.
+PIP_ARGS ?=
+
+.PHONY: serve test lint typecheck pytest train evaluate bench bench-train clean help
+
+help:
+	@echo "make serve   set up and start the service on http://127.0.0.1:8000 (the bundled model)"
+	@echo "make test    set up and run ruff, mypy and the whole test suite"
+	@echo "make train   retrain with the default recipe (DATA_DIR=../shared/data) and publish"
+	@echo "make bench   the HTTP benchmark harness (bench/README.md)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-runtime: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet $(PIP_ARGS) -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet $(PIP_ARGS) -e '.[dev,bench]'
+	touch $(VENV)/.installed-runtime $@
+
+serve: $(VENV)/.installed-runtime
+	$(BIN)/python -m app
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.installed-dev
+	$(BIN)/mypy
+
+pytest: $(VENV)/.installed-dev
+	bash scripts/test-deps.sh
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+DATA_DIR ?= ../shared/data
+train: $(VENV)/.installed-runtime
+	$(BIN)/python -m training.train --data-dir $(DATA_DIR)
+
+evaluate: $(VENV)/.installed-runtime
+	$(BIN)/python -m training.evaluate --data-dir $(DATA_DIR)
+
+bench-train: $(VENV)/.installed-dev
+	$(BIN)/python bench/train_bench.py --data-dir $(DATA_DIR)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

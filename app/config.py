@@ -1,0 +1,82 @@
+"""Settings: one object, read from ``MNIST_*`` environment variables (or a ``.env`` file)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "default_models_dir", "get_settings", "pick_device"]
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_models_dir() -> Path:
+    """``models/`` beside the package: the bundled model in a checkout and in the image."""
+    return PROJECT_ROOT / "models"
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; anything else is taken as a torch device name."""
+    if name != "auto":
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"device {name!r} requested but MPS is not available")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Environment variable = ``MNIST_`` + field name in capitals."""
+
+    model_config = SettingsConfigDict(env_prefix="MNIST_", env_file=".env", extra="ignore")
+
+    # Model
+    model_dir: Path = Field(
+        default_factory=default_models_dir, description="folder of versioned checkpoints and the CURRENT pointer"
+    )
+    model_path: Path | None = Field(
+        None, description="serve this checkpoint file instead of the pointer (disables the watcher)"
+    )
+    device: str = Field("auto", description="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
+    reload_interval: float = Field(1.0, ge=0, description="seconds between checks of the CURRENT pointer; 0 disables")
+    canary_min_accuracy: float = Field(
+        0.9, ge=0, le=1, description="a new model must reach this on the bundled canary digits"
+    )
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token for /admin/*; unset disables those routes (404)"
+    )
+
+    # Server
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    access_log: bool = Field(True, description="one structured line per request")
+    graceful_timeout: float = Field(30.0, gt=0, description="seconds in-flight requests get after SIGTERM")
+    torch_threads: int = Field(1, ge=0, description="intra-op threads per worker; 0 keeps torch's default")
+
+    # Limits
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="largest request body, enforced while reading")
+    max_image_pixels: int = Field(4096 * 4096, gt=0, description="largest width*height a PNG may declare")
+    max_batch_size: int = Field(10_000, ge=1, description="most images or vectors in one request")
+
+    @model_validator(mode="after")
+    def _check_device(self) -> Settings:
+        pick_device(self.device)  # fail at startup, not on the first request
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

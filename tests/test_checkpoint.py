@@ -1,0 +1,177 @@
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    list_versions,
+    load_checkpoint,
+    load_model,
+    read_pointer,
+    save_checkpoint,
+    weights_sha256,
+    write_pointer,
+)
+from app.model import MLP
+
+
+def _saved(tmp_path: Path, **meta: object) -> tuple[MLP, Path]:
+    torch.manual_seed(1)
+    model = MLP()
+    return model, save_checkpoint(tmp_path, model, {"test_accuracy": 0.5, **meta})
+
+
+def test_round_trip_gives_identical_outputs(tmp_path: Path) -> None:
+    model, path = _saved(tmp_path, seed=7)
+    loaded, ckpt = load_model(path)
+    x = torch.rand(8, 784)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), loaded(x))
+    assert not loaded.training
+    assert ckpt.version == path.stem
+    assert ckpt.model_args == {"in_features": 784, "hidden": 256, "num_classes": 10}
+    meta = ckpt.meta
+    assert meta["seed"] == 7
+    assert meta["weights_sha256"] == weights_sha256(model.state_dict())
+    assert meta["torch_version"] == str(torch.__version__)
+    assert meta["input"]["range"] == [0.0, 1.0]
+    assert "created_at" in meta
+
+
+def test_file_loads_with_weights_only(tmp_path: Path) -> None:
+    _, path = _saved(tmp_path)
+    raw = torch.load(path, weights_only=True)  # plain data only: no pickled classes
+    assert raw["format"] == FORMAT
+    assert set(raw["state_dict"]) == {"lin_1.weight", "lin_1.bias", "lin_2.weight", "lin_2.bias"}
+
+
+def test_versions_sit_side_by_side_and_never_overwrite(tmp_path: Path) -> None:
+    _, first = _saved(tmp_path)
+    torch.manual_seed(2)
+    second = save_checkpoint(tmp_path, MLP(), {})
+    assert first != second
+    assert list_versions(tmp_path) == sorted([first.stem, second.stem])
+    with pytest.raises(FileExistsError):
+        save_checkpoint(tmp_path, MLP(), {}, version=first.stem)
+
+
+def test_pointer_is_atomic_and_validated(tmp_path: Path) -> None:
+    _, path = _saved(tmp_path)
+    assert read_pointer(tmp_path) is None
+    write_pointer(tmp_path, path.stem)
+    assert read_pointer(tmp_path) == path.stem
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    with pytest.raises(FileNotFoundError):
+        write_pointer(tmp_path, "20990101T000000Z-deadbeef")
+    with pytest.raises(ValueError, match="invalid model version"):
+        write_pointer(tmp_path, "../../etc/passwd")
+
+
+def test_interrupted_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, MLP(), {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_file_is_a_clear_error(tmp_path: Path) -> None:
+    _, path = _saved(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as info:
+        load_model(path)
+    assert str(path) in str(info.value)
+
+
+def test_foreign_file_is_a_clear_error(tmp_path: Path) -> None:
+    png = tmp_path / "picture.pt"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    with pytest.raises(CheckpointError, match="picture.pt"):
+        load_model(png)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    with pytest.raises(CheckpointError, match="not an mnist-mlp/1 checkpoint"):
+        load_model(other)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.pt"):
+        load_model(empty)
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        load_model(tmp_path / "missing.pt")
+
+
+def test_wrong_shapes_are_a_clear_error(tmp_path: Path) -> None:
+    _, path = _saved(tmp_path)
+    raw = torch.load(path, weights_only=True)
+    raw["state_dict"]["lin_1.weight"] = torch.zeros(128, 784)
+    raw["meta"].pop("weights_sha256")
+    torch.save(raw, path)
+    with pytest.raises(CheckpointError, match=r"wrong shape for lin_1.weight: expected \[256, 784\].*got \[128, 784\]"):
+        load_model(path)
+
+
+def test_missing_keys_and_bad_args_are_clear_errors(tmp_path: Path) -> None:
+    _, path = _saved(tmp_path)
+    raw = torch.load(path, weights_only=True)
+    del raw["state_dict"]["lin_2.bias"]
+    torch.save(raw, path)
+    with pytest.raises(CheckpointError, match=r"missing \['lin_2.bias'\]"):
+        load_model(path)
+    raw["model_args"]["hidden"] = 10**9
+    torch.save(raw, path)
+    with pytest.raises(CheckpointError, match="hidden=1000000000 must be an integer"):
+        load_checkpoint(path)
+
+
+def test_nan_weights_and_tampered_weights_are_refused(tmp_path: Path) -> None:
+    _, path = _saved(tmp_path)
+    raw = torch.load(path, weights_only=True)
+    raw["state_dict"]["lin_2.weight"][0, 0] = 0.123
+    torch.save(raw, path)
+    with pytest.raises(CheckpointError, match="do not match the sha256"):
+        load_model(path)
+    raw["state_dict"]["lin_2.weight"][0, 0] = float("nan")
+    raw["meta"].pop("weights_sha256")
+    torch.save(raw, path)
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        load_model(path)
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (Path.touch, (str(self.marker),))  # type: ignore[return-value]
+
+
+def test_crafted_pickle_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "20990101T000000Z-evil.pt"
+    # Inside a real torch zip, next to a genuine-looking state_dict...
+    torch.save({"format": FORMAT, "state_dict": {}, "model_args": {}, "meta": {"x": _RunsCode(marker)}}, evil)
+    with pytest.raises(CheckpointError, match="refused by the safe loader"):
+        load_model(evil)
+    # ...and as a bare pickle stream.
+    legacy = tmp_path / "legacy.pt"
+    legacy.write_bytes(pickle.dumps(_RunsCode(marker)))
+    with pytest.raises(CheckpointError):
+        load_model(legacy)
+    assert not marker.exists()
+    # Sanity: the payload does run when unpickled without protection.
+    pickle.loads(legacy.read_bytes())
+    assert marker.exists()
+
+
+def test_checkpoint_is_a_zip_with_no_code(tmp_path: Path) -> None:
+    _, path = _saved(tmp_path)
+    assert zipfile.is_zipfile(path)
+    assert path.stat().st_size < 1_000_000
