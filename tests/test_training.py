@@ -1,0 +1,138 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.checkpoint import list_versions, load_model, read_pointer
+from app.model import MLP
+from training import evaluate as evaluate_cli
+from training import publish as publish_cli
+from training import train as train_cli
+from training.data import DataUnavailableError, MnistTensors, load_mnist
+from training.train import evaluate, fit
+
+
+def _slice(data: MnistTensors, n: int) -> MnistTensors:
+    return MnistTensors(data.x[:n], data.y[:n], data.sha256)
+
+
+@pytest.fixture(scope="module")
+def small(mnist_root: Path) -> tuple[MnistTensors, MnistTensors]:
+    return load_mnist(mnist_root, train=True, limit=4096), _slice(load_mnist(mnist_root, train=False), 2000)
+
+
+def test_data_is_scaled_like_totensor(small: tuple[MnistTensors, MnistTensors]) -> None:
+    train, test = small
+    assert train.x.shape == (4096, 784)
+    assert train.x.dtype == torch.float32
+    assert float(train.x.min()) == 0.0
+    assert float(train.x.max()) == 1.0
+    assert train.y.dtype == torch.int64
+    assert len(test) == 2000
+
+
+def test_short_training_improves_accuracy(small: tuple[MnistTensors, MnistTensors]) -> None:
+    train, test = small
+    torch.manual_seed(0)
+    before = evaluate(MLP(), test)
+    model, history = fit(train, test, epochs=3, progress=False, log=lambda _: None)
+    after = evaluate(model, test)
+    assert before < 0.3
+    assert after > 0.8
+    assert after > before + 0.5
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[2]["loss"] < history[0]["loss"]
+
+
+def test_same_seed_same_weights(small: tuple[MnistTensors, MnistTensors]) -> None:
+    train, test = small
+    a, _ = fit(train, test, epochs=1, seed=3, progress=False, log=lambda _: None)
+    b, _ = fit(train, test, epochs=1, seed=3, progress=False, log=lambda _: None)
+    c, _ = fit(train, test, epochs=1, seed=4, progress=False, log=lambda _: None)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(a.lin_1.weight, c.lin_1.weight)
+
+
+def test_train_cli_writes_and_publishes_versions(
+    mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = tmp_path / "models"
+    args = [
+        "--data-dir",
+        str(mnist_root),
+        "--models-dir",
+        str(models),
+        "--epochs",
+        "2",
+        "--limit",
+        "2048",
+        "--no-progress",
+    ]
+    assert train_cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "epoch  1/2  loss" in out
+    assert "train_acc" in out
+    assert "test_acc" in out
+    first = read_pointer(models)
+    assert first is not None
+    assert list_versions(models) == [first]
+    _, ckpt = load_model(models / f"{first}.pt")
+    assert len(ckpt.meta["history"]) == 2
+    assert ckpt.meta["dataset"]["train_sha256"] != ckpt.meta["dataset"]["test_sha256"]
+    assert ckpt.meta["seed"] == train_cli.DEFAULT_SEED
+
+    # --no-publish keeps the new version aside; publish (and roll back) by name.
+    assert train_cli.main([*args, "--seed", "1", "--no-publish"]) == 0
+    versions = list_versions(models)
+    assert len(versions) == 2
+    assert read_pointer(models) == first
+    second = next(v for v in versions if v != first)
+    assert publish_cli.main([second, "--models-dir", str(models)]) == 0
+    assert read_pointer(models) == second
+    assert publish_cli.main([first, "--models-dir", str(models)]) == 0
+    assert read_pointer(models) == first
+
+
+def test_publish_refuses_a_broken_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "20990101T000000Z-broken.pt").write_bytes(b"not a checkpoint")
+    assert publish_cli.main(["20990101T000000Z-broken", "--models-dir", str(tmp_path)]) == 1
+    assert "20990101T000000Z-broken.pt" in capsys.readouterr().err
+    assert read_pointer(tmp_path) is None
+
+
+def test_missing_data_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torchvision.datasets.mnist as tv_mnist
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", offline)
+    with pytest.raises(DataUnavailableError, match="could not be downloaded"):
+        load_mnist(tmp_path / "nothing-here", train=True)
+    assert train_cli.main(["--data-dir", str(tmp_path / "nothing-here"), "--models-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "--data-dir" in err
+
+
+def test_evaluate_cli_prints_confusion_and_writes_png(
+    mnist_root: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert evaluate_cli.main(["--models-dir", str(models_dir), "--data-dir", str(mnist_root)]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out
+    assert "true\\pred" in out
+    pngs = list(models_dir.glob("*.png"))
+    assert len(pngs) == 1
+    assert pngs[0].read_bytes().startswith(b"\x89PNG")
+
+
+def test_bundled_model_meets_the_recipe_target(bundled_checkpoint: Path, mnist_test: MnistTensors) -> None:
+    model, ckpt = load_model(bundled_checkpoint)
+    accuracy = evaluate(model, mnist_test)
+    assert accuracy >= 0.98
+    assert ckpt.meta["test_accuracy"] == pytest.approx(accuracy)
+    assert bundled_checkpoint.stat().st_size < 1_000_000

@@ -1,0 +1,1 @@
+"""Training, evaluation and publishing for the MNIST MLP (imports the model from ``app.model``)."""
