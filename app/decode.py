@@ -1,0 +1,308 @@
+"""Request bytes to model input: the only code that turns bodies into float32 ``[N, 784]`` arrays.
+
+Pure functions (no FastAPI, no torch), so ``/predict``, ``/v2/.../infer`` and the digit pad
+share one set of limits and error messages, and every rule is unit-tested without a server.
+Every rejection is an :class:`~app.errors.InputError` with the status code and a message that
+says what to fix.
+
+Images go through :func:`mnistify`, the normalisation that produced MNIST itself: white digit on
+black, cropped to its bounding box, scaled to fit 20x20, centred by centre of mass in 28x28.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+import zlib
+from typing import Any
+
+import numpy as np
+import orjson
+from PIL import Image
+
+from app.errors import InputError
+
+__all__ = [
+    "PNG_SIGNATURE",
+    "decode_json",
+    "decode_npy",
+    "decode_png",
+    "decode_uint8",
+    "mnistify",
+    "pixels_to_array",
+    "png_to_gray",
+]
+
+PIXELS = 784
+SIDE = 28
+BOX = 20  # MNIST digits were scaled to fit a 20x20 box, then centred in 28x28
+# Where MNIST's own digits have their centre of mass, in pixel indices (measured: 13.99, 14.01).
+CENTER = 14.0
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Below this contrast (in [0, 1] units) an image is treated as blank rather than guessed at.
+MIN_CONTRAST = 0.1
+_NON_FINITE = re.compile(rb"\b(?:NaN|-?Infinity)\b")
+_JSON_HINT = 'send {"pixels": [784 numbers]} for one digit or {"instances": [[784 numbers], ...]} for a batch'
+
+Image.MAX_IMAGE_PIXELS = None  # our own, lower limit is checked before decoding (see decode_png)
+
+
+# --------------------------------------------------------------------------------------------
+# Vectors
+
+
+def pixels_to_array(value: Any, field: str, max_batch: int, batch: bool) -> np.ndarray:
+    """Validate a nested list of pixel values in [0, 1]; returns float32 ``[N, 784]``."""
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError):
+        raise InputError(
+            422, f"'{field}' must be a rectangular array of numbers: its rows have different lengths"
+        ) from None
+    if arr.dtype.kind not in "iuf" or arr.dtype == np.bool_:
+        if arr.dtype == object and arr.ndim >= 1:
+            raise InputError(
+                422, f"'{field}' must be a rectangular array of numbers: rows differ in length or hold non-numbers"
+            )
+        raise InputError(422, f"'{field}' must contain only numbers (got {_kind_name(arr)})")
+    shape = arr.shape
+    if batch:
+        if arr.ndim not in (2, 3) or shape[1:] not in ((PIXELS,), (SIDE, SIDE)):
+            raise InputError(
+                422, f"'{field}' must be a list of images, each 784 numbers or 28 rows of 28; got shape {list(shape)}"
+            )
+        if shape[0] == 0:
+            raise InputError(422, f"'{field}' is empty: send at least one image")
+        if shape[0] > max_batch:
+            raise InputError(
+                413, f"batch of {shape[0]} images is over the maximum of {max_batch}: split it into smaller requests"
+            )
+    elif shape not in ((PIXELS,), (SIDE, SIDE)):
+        raise InputError(422, f"'{field}' must be 784 numbers (a flat list) or 28 rows of 28; got shape {list(shape)}")
+    arr = arr.reshape(-1, PIXELS)
+    return check_unit_range(arr, field)
+
+
+def check_unit_range(arr: np.ndarray, field: str) -> np.ndarray:
+    """Finite, within [0, 1]; returns float32. The 0-255 mistake gets its own hint."""
+    arr = arr.astype(np.float32, copy=False)
+    lo, hi = float(arr.min()), float(arr.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise InputError(422, f"'{field}' contains NaN or infinite values: send finite numbers in [0, 1]")
+    if lo < 0.0 or hi > 1.0:
+        if lo >= 0.0 and hi <= 255.0:
+            raise InputError(
+                422,
+                f"'{field}' values must be in [0, 1] (white digit on black); got values up to {hi:g}, "
+                "which look like 0-255 pixels: divide them by 255",
+            )
+        raise InputError(
+            422, f"'{field}' values must be in [0, 1] (white digit on black); got values from {lo:g} to {hi:g}"
+        )
+    return arr
+
+
+def _kind_name(arr: np.ndarray) -> str:
+    if arr.dtype.kind in "US":
+        return "strings"
+    if arr.dtype == np.bool_:
+        return "booleans"
+    if arr.ndim == 0:
+        return type(arr.item()).__name__
+    return "values that are not numbers"
+
+
+def decode_json(body: bytes, max_batch: int) -> tuple[np.ndarray, bool]:
+    """``{"pixels": [...]}`` or ``{"instances": [[...], ...]}`` to (float32 ``[N, 784]``, is_batch)."""
+    if not body.strip():
+        raise InputError(400, f"empty request body: {_JSON_HINT}")
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        if _NON_FINITE.search(body):
+            raise InputError(
+                422, "NaN and Infinity are not valid pixel values (nor valid JSON): send finite numbers in [0, 1]"
+            ) from None
+        raise InputError(400, f"malformed JSON ({exc}): {_JSON_HINT}") from None
+    if not isinstance(doc, dict):
+        raise InputError(422, f"expected a JSON object, got {type(doc).__name__}: {_JSON_HINT}")
+    if len(doc) == 1 and "pixels" in doc:
+        return pixels_to_array(doc["pixels"], "pixels", max_batch, batch=False), False
+    if len(doc) == 1 and "instances" in doc:
+        if not isinstance(doc["instances"], list):
+            raise InputError(422, "'instances' must be a list of images")
+        return pixels_to_array(doc["instances"], "instances", max_batch, batch=True), True
+    unknown = sorted(set(doc) - {"pixels", "instances"})
+    if unknown:
+        raise InputError(422, f"unknown field(s) {', '.join(map(repr, unknown))}: {_JSON_HINT}")
+    if not doc:
+        raise InputError(422, f"missing 'pixels' or 'instances': {_JSON_HINT}")
+    raise InputError(422, f"send either 'pixels' or 'instances', not both: {_JSON_HINT}")
+
+
+def decode_uint8(body: bytes, max_batch: int) -> np.ndarray:
+    """Raw ``uint8`` pixels, N x 784 bytes (MNIST's own format, 0-255), to float32 ``[N, 784]``."""
+    if not body:
+        raise InputError(400, "empty request body: send N x 784 bytes of uint8 pixels (0-255, white digit on black)")
+    if len(body) % PIXELS:
+        raise InputError(
+            422, f"body of {len(body)} bytes is not a whole number of 784-byte images (28x28 uint8 pixels each)"
+        )
+    n = len(body) // PIXELS
+    if n > max_batch:
+        raise InputError(413, f"batch of {n} images is over the maximum of {max_batch}: split it into smaller requests")
+    return np.frombuffer(body, dtype=np.uint8).reshape(n, PIXELS).astype(np.float32) * np.float32(1 / 255)
+
+
+def decode_npy(body: bytes, max_batch: int) -> np.ndarray:
+    """A ``.npy`` array: uint8 (0-255) or float (0-1), shaped (784,), (28,28), (N,784) or (N,28,28)."""
+    if not body:
+        raise InputError(400, "empty request body: send a .npy file (numpy.save) of shape (N, 784) or (N, 28, 28)")
+    stream = io.BytesIO(body)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    except (ValueError, OSError, SyntaxError, EOFError) as exc:
+        raise InputError(422, f"not a valid .npy file ({exc}); create one with numpy.save") from None
+    if dtype.hasobject:
+        raise InputError(422, ".npy arrays of Python objects are refused: send uint8 or float32 pixels")
+    if dtype.kind not in "uif" or dtype.kind == "b":
+        raise InputError(422, f".npy dtype {dtype} is not supported: send uint8 (0-255) or float32 (0-1) pixels")
+    if shape in ((PIXELS,), (SIDE, SIDE)):
+        shape = (1, *shape)
+    if len(shape) not in (2, 3) or tuple(shape[1:]) not in ((PIXELS,), (SIDE, SIDE)):
+        raise InputError(422, f".npy array must be shaped (N, 784) or (N, 28, 28); got {list(shape)}")
+    n = int(shape[0])
+    if n == 0:
+        raise InputError(422, ".npy array holds no images")
+    if n > max_batch:
+        raise InputError(413, f"batch of {n} images is over the maximum of {max_batch}: split it into smaller requests")
+    count = n * PIXELS
+    data = body[stream.tell() :]
+    if len(data) != count * dtype.itemsize:
+        raise InputError(
+            422, f".npy data is {len(data)} bytes but its header promises {count * dtype.itemsize}: truncated?"
+        )
+    arr = np.frombuffer(data, dtype=dtype, count=count)
+    if fortran:
+        arr = arr.reshape(shape[::-1]).transpose()
+    arr = arr.reshape(n, PIXELS)
+    if dtype == np.uint8:
+        return arr.astype(np.float32) * np.float32(1 / 255)
+    return check_unit_range(arr, "npy")
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+
+
+def decode_png(body: bytes, max_pixels: int) -> np.ndarray:
+    """A PNG of any size and mode to one MNIST-like float32 ``[1, 784]`` row."""
+    return mnistify(png_to_gray(body, max_pixels)).reshape(1, PIXELS)
+
+
+def png_to_gray(body: bytes, max_pixels: int) -> np.ndarray:
+    """Decode a PNG into float32 grey levels in [0, 1], transparency composited away."""
+    if not body:
+        raise InputError(400, "empty request body: send a PNG image")
+    if not body.startswith(PNG_SIGNATURE):
+        raise InputError(422, "the body is not a PNG image (it does not start with the PNG signature)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(body), formats=["PNG"])
+            width, height = image.size
+            if width * height > max_pixels:
+                raise InputError(
+                    413,
+                    f"image declares {width}x{height} pixels, over the limit of {max_pixels}: send a smaller image",
+                )
+            image.load()
+    except InputError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError) as exc:
+        raise InputError(422, f"corrupt or truncated PNG ({str(exc) or type(exc).__name__})") from None
+    return _to_gray(image)
+
+
+def _to_gray(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    alpha: np.ndarray | None = None
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode in ("L", "RGB") and "transparency" in image.info:
+        image = image.convert("RGBA" if mode == "RGB" else "LA")
+    mode = image.mode
+    if mode.startswith("I"):  # 16-bit grey ("I;16", "I;16B") or 32-bit integer
+        gray = np.asarray(image, dtype=np.float32) / 65535.0
+    elif mode == "F":
+        gray = np.asarray(image, dtype=np.float32)
+    else:
+        if mode in ("LA", "PA", "RGBA", "La", "RGBa"):
+            alpha = np.asarray(image.getchannel("A"), dtype=np.float32) / 255.0
+            image = image.convert("RGB" if mode.startswith(("RGB", "PA")) else "L")
+        gray = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    gray = np.clip(gray, 0.0, 1.0)
+    if alpha is not None and float(alpha.min()) < 1.0:
+        gray = _composite(gray, alpha)
+    return gray
+
+
+def _composite(gray: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Flatten transparency onto a background that contrasts with the visible strokes.
+
+    A digit drawn in black on a transparent canvas and one drawn in white both survive: the
+    background becomes the opposite of the (alpha-weighted) colour of what is drawn.
+    """
+    weight = float(alpha.sum())
+    ink = float((gray * alpha).sum() / weight) if weight > 0 else 0.0
+    background = 1.0 if ink < 0.5 else 0.0
+    return gray * alpha + background * (1.0 - alpha)
+
+
+def mnistify(gray: np.ndarray) -> np.ndarray:
+    """Any grey image to a 28x28 MNIST-style float32 array (white digit on black in [0, 1])."""
+    gray = np.asarray(gray, dtype=np.float32)
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    background = float(np.median(border))
+    if background > 0.5:  # dark digit on light paper: invert to MNIST's polarity
+        gray, background = 1.0 - gray, 1.0 - background
+    ink = np.clip(gray - background, 0.0, None)
+    peak = float(ink.max()) if ink.size else 0.0
+    if peak < MIN_CONTRAST:
+        raise InputError(422, "the image is blank: no digit stands out from the background")
+    ink /= peak  # stretch contrast so faint pencil and bold marker look alike
+    rows = np.flatnonzero((ink > MIN_CONTRAST).any(axis=1))
+    cols = np.flatnonzero((ink > MIN_CONTRAST).any(axis=0))
+    digit = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    digit = _fit_box(digit)
+    return _center_by_mass(digit)
+
+
+def _fit_box(digit: np.ndarray) -> np.ndarray:
+    height, width = digit.shape
+    longest = max(height, width)
+    # Within ~10 % of the box already (an MNIST image, say): resampling would only blur it.
+    if abs(longest - BOX) <= 2 and longest <= SIDE:
+        return digit
+    scale = BOX / longest
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    resized = Image.fromarray(digit, mode="F").resize(size, Image.Resampling.LANCZOS)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
+def _center_by_mass(digit: np.ndarray) -> np.ndarray:
+    """Place ``digit`` in 28x28 so that its centre of mass lands on the centre, as MNIST did."""
+    height, width = digit.shape
+    total = float(digit.sum())
+    cy = float((digit.sum(axis=1) * np.arange(height)).sum() / total)
+    cx = float((digit.sum(axis=0) * np.arange(width)).sum() / total)
+    top = int(np.clip(round(CENTER - cy), 0, SIDE - height))
+    left = int(np.clip(round(CENTER - cx), 0, SIDE - width))
+    out = np.zeros((SIDE, SIDE), dtype=np.float32)
+    out[top : top + height, left : left + width] = digit
+    return out

@@ -1,0 +1,48 @@
+"""Prediction and response encoding: float32 ``[N, 784]`` in, probabilities and JSON bytes out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+
+from app.model import MLP
+
+__all__ = ["encode_predictions", "predict_proba", "top_k_pairs"]
+
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY
+
+
+@torch.inference_mode()
+def predict_proba(model: MLP, x: np.ndarray, device: torch.device | None = None) -> np.ndarray:
+    """Class probabilities ``[N, 10]`` (float32, rows sum to 1) from an eval-mode model."""
+    tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    if device is not None and device.type != "cpu":
+        tensor = tensor.to(device, non_blocking=True)
+    return torch.softmax(model(tensor), dim=1).to("cpu").numpy()
+
+
+def top_k_pairs(row: np.ndarray, k: int) -> list[dict[str, Any]]:
+    order = np.argsort(-row, kind="stable")[:k]
+    return [{"label": int(i), "probability": float(row[i])} for i in order]
+
+
+def _entry(row: np.ndarray, label: int, version: str, top_k: int | None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"probabilities": row, "label": label, "model_version": version}
+    if top_k:
+        entry["top_k"] = top_k_pairs(row, top_k)
+    return entry
+
+
+def encode_predictions(probs: np.ndarray, version: str, batch: bool, top_k: int | None = None) -> bytes:
+    """``{"probabilities", "label", "model_version"[, "top_k"]}``, or ``{"predictions": [...]}``.
+
+    orjson writes the float32 rows straight from numpy: no ``tolist()``, no generic serializer.
+    """
+    labels = probs.argmax(axis=1).tolist()
+    if not batch:
+        return orjson.dumps(_entry(probs[0], labels[0], version, top_k), option=_NUMPY)
+    predictions = [_entry(probs[i], labels[i], version, top_k) for i in range(len(labels))]
+    return orjson.dumps({"model_version": version, "predictions": predictions}, option=_NUMPY)

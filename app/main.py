@@ -1,0 +1,110 @@
+"""The FastAPI application: ``create_app(settings)`` and the module-level ``app``.
+
+``uvicorn app.main:app`` serves the bundled model from the project root with no arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from app import __version__
+from app.checkpoint import CheckpointError
+from app.config import Settings, get_settings
+from app.errors import InputError
+from app.logs import configure_logging
+from app.middleware import RequestContextMiddleware, StartupErrorMiddleware
+from app.routes import admin, health, predict
+from app.store import ModelStore
+
+__all__ = ["app", "create_app"]
+
+logger = logging.getLogger("app")
+
+DESCRIPTION = """
+Handwritten-digit classification with a PyTorch MLP trained on MNIST.
+
+`POST /predict` takes one digit as JSON (`{"pixels": [784 floats in 0..1]}`), a batch
+(`{"instances": [...]}`), a PNG (raw `image/png` body or `multipart/form-data` field `file`),
+or bulk `application/octet-stream` uint8 pixels / `.npy` arrays, and answers with the ten class
+probabilities, the label and the model version that computed them.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+    startup_problem: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.torch_threads:
+            # One intra-op thread per worker: workers, not threads, use the cores for small batches.
+            torch.set_num_threads(settings.torch_threads)
+        store = ModelStore(settings)
+        app.state.store = store
+        try:
+            served = await asyncio.to_thread(store.start)
+        except CheckpointError as exc:
+            message = f"cannot start: {exc.path}: {exc.problem}"
+            startup_problem.append(message)
+            logger.error(message)
+            raise RuntimeError(message) from None
+        logger.info(
+            "serving model %s on %s (test accuracy %s, canary %.1f%%)",
+            served.version,
+            served.device,
+            served.meta.get("test_accuracy"),
+            100 * served.canary_accuracy,
+        )
+        watcher = asyncio.create_task(store.watch(), name="pointer-watch") if store.watching else None
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            store.close()
+
+    app = FastAPI(
+        title="MNIST digit service",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.include_router(predict.router)
+    app.include_router(health.router)
+    app.include_router(admin.router)
+
+    @app.exception_handler(InputError)
+    async def _input_error(request: Request, exc: InputError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+            parts.append(f"{where}: {error.get('msg', 'invalid')}")
+        return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error (request_id=%s)", getattr(request.state, "request_id", "-"))
+        return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+    app.add_middleware(RequestContextMiddleware, access_log=settings.access_log)
+    app.add_middleware(StartupErrorMiddleware, message=lambda: startup_problem[-1] if startup_problem else None)
+    return app
+
+
+app = create_app()

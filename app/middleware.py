@@ -1,0 +1,95 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware: it costs a task and a copy per request).
+
+* ``RequestContextMiddleware``: request id (``X-Request-ID`` in, echoed out, generated when
+  absent), one structured access line per request, and the latency/status observation.
+* ``StartupErrorMiddleware``: a failed startup is reported as one log line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["RequestContextMiddleware", "StartupErrorMiddleware"]
+
+access_logger = logging.getLogger("app.access")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+Observer = Callable[[str, str, int, float], None]
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, access_log: bool = True, observe: Observer | None = None) -> None:
+        self.app = app
+        self.access_log = access_log
+        self.observe = observe
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                candidate = value.decode("latin-1")
+                request_id = candidate if _SAFE_ID.match(candidate) else ""
+                break
+        request_id = request_id or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        header = (b"x-request-id", request_id.encode("latin-1"))
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            path_label = getattr(route, "path", None) or "<unmatched>"
+            if self.observe is not None:
+                self.observe(scope["method"], path_label, status, elapsed)
+            if self.access_log:
+                client = scope.get("client")
+                access_logger.info(
+                    'request_id=%s method=%s path="%s" status=%d duration_ms=%.2f client=%s',
+                    request_id,
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    elapsed * 1000,
+                    client[0] if client else "-",
+                )
+
+
+class StartupErrorMiddleware:
+    """Replace the traceback Starlette puts in ``lifespan.startup.failed`` with our one line."""
+
+    def __init__(self, app: ASGIApp, message: Callable[[], str | None]) -> None:
+        self.app = app
+        self.message = message
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_short(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                short = self.message()
+                if short:
+                    message = {**message, "message": short}
+            await send(message)
+
+        await self.app(scope, receive, send_short)

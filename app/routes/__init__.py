@@ -1,0 +1,1 @@
+"""HTTP routes; each module is a thin layer over decode -> inference -> encode."""
