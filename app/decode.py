@@ -120,7 +120,7 @@ def decode_json(body: bytes, max_batch: int) -> tuple[np.ndarray, bool]:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        if _NON_FINITE.search(body):
+        if _NON_FINITE.search(body) or "infinity" in str(exc):  # NaN literals, or 1e999
             raise InputError(
                 422, "NaN and Infinity are not valid pixel values (nor valid JSON): send finite numbers in [0, 1]"
             ) from None
@@ -306,3 +306,173 @@ def _center_by_mass(digit: np.ndarray) -> np.ndarray:
     out = np.zeros((SIDE, SIDE), dtype=np.float32)
     out[top : top + height, left : left + width] = digit
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Typed tensors: the Open Inference Protocol's (datatype, shape, data) triples
+#
+# The protocol describes every input by a datatype and a shape and carries its elements either
+# as JSON (flat or nested, row-major) or as raw little-endian bytes (the binary tensor data
+# extension). These turn one such tensor into the same float32 ``[N, 784]`` rows as above, with
+# the same value rules: FP32 in [0, 1], UINT8 in 0-255 scaled exactly as ``decode_uint8`` does,
+# and BYTES elements that are PNG images, normalised by ``decode_png``.
+
+__all__ += [
+    "TENSOR_DATATYPES",
+    "images_from_elements",
+    "load_json_object",
+    "split_bytes_elements",
+    "tensor_batch_size",
+    "tensor_from_bytes",
+    "tensor_from_json",
+]
+
+TENSOR_DATATYPES = ("FP32", "UINT8", "BYTES")
+_PIXEL_DTYPES: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
+_IMAGE_DIMS = ((PIXELS,), (SIDE, SIDE), (1, SIDE, SIDE))
+_PIXEL_SHAPES = "[N, 784], [N, 28, 28] or [N, 1, 28, 28]"
+_BYTES_SHAPES = "[N] (or [N, 1])"
+_BASE64_SPACE = re.compile(rb"\s+")
+
+
+def load_json_object(body: bytes, hint: str) -> dict[str, Any]:
+    """Parse a JSON object with the same NaN / malformed / wrong-type messages as ``decode_json``."""
+    if not body.strip():
+        raise InputError(400, f"empty request body: {hint}")
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        if _NON_FINITE.search(body) or "infinity" in str(exc):  # NaN literals, or 1e999
+            raise InputError(
+                422, "NaN and Infinity are not valid pixel values (nor valid JSON): send finite numbers"
+            ) from None
+        raise InputError(400, f"malformed JSON ({exc}): {hint}") from None
+    if not isinstance(doc, dict):
+        raise InputError(422, f"expected a JSON object, got {type(doc).__name__}: {hint}")
+    return doc
+
+
+def tensor_batch_size(shape: Any, datatype: str, field: str, max_batch: int) -> int:
+    """Check a declared tensor shape against what ``datatype`` may carry; returns N, the image count."""
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise InputError(422, f"'{field}' shape must be a list of integers, e.g. [1, 784]; got {shape!r}")
+    if datatype == "BYTES":
+        ok, expected = len(shape) == 1 or (len(shape) == 2 and shape[1] == 1), _BYTES_SHAPES
+    else:
+        ok, expected = len(shape) >= 2 and tuple(shape[1:]) in _IMAGE_DIMS, _PIXEL_SHAPES
+    if not ok or shape[0] < 0:
+        raise InputError(422, f"'{field}' shape must be {expected} for {datatype}; got {shape}")
+    n = shape[0]
+    if n == 0:
+        raise InputError(422, f"'{field}' holds no images (shape {shape}): send at least one")
+    if n > max_batch:
+        raise InputError(413, f"batch of {n} images is over the maximum of {max_batch}: split it into smaller requests")
+    return n
+
+
+def tensor_from_json(data: Any, shape: Any, datatype: str, field: str, max_batch: int) -> np.ndarray:
+    """JSON ``data`` (flat or nested, row-major) of an FP32 (0-1) or UINT8 (0-255) tensor to float32 ``[N, 784]``."""
+    n = tensor_batch_size(shape, datatype, field, max_batch)
+    if not isinstance(data, list):
+        raise InputError(422, f"'{field}' data must be a JSON array of numbers, flat or nested")
+    try:
+        arr = np.asarray(data)
+    except (ValueError, TypeError):
+        raise InputError(
+            422, f"'{field}' data must be a flat or rectangular array: its rows differ in length"
+        ) from None
+    if arr.dtype.kind not in "iuf" or arr.dtype == np.bool_:
+        if arr.dtype == object and arr.ndim >= 1:
+            raise InputError(422, f"'{field}' data must be a rectangular array of numbers")
+        raise InputError(422, f"'{field}' data must contain only numbers (got {_kind_name(arr)})")
+    if arr.size != n * PIXELS:
+        raise InputError(422, f"'{field}' data holds {arr.size} values but shape {shape} needs {n * PIXELS}")
+    arr = arr.reshape(n, PIXELS)
+    if datatype == "UINT8":
+        return _uint8_rows(arr, field)
+    return check_unit_range(arr, field)
+
+
+def _uint8_rows(arr: np.ndarray, field: str) -> np.ndarray:
+    if arr.dtype.kind == "f":
+        if not bool(np.isfinite(arr).all()) or not bool((arr == np.round(arr)).all()):
+            raise InputError(422, f"'{field}' is UINT8: its values must be whole numbers 0-255")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0 or hi > 255:
+        raise InputError(422, f"'{field}' is UINT8: its values must be in 0-255; got values from {lo:g} to {hi:g}")
+    # The same arithmetic as decode_uint8, so both endpoints give bit-identical inputs.
+    return arr.astype(np.uint8).astype(np.float32) * np.float32(1 / 255)
+
+
+def tensor_from_bytes(raw: bytes, shape: Any, datatype: str, field: str, max_batch: int) -> np.ndarray:
+    """Little-endian binary data of an FP32 (0-1) or UINT8 (0-255) tensor to float32 ``[N, 784]``."""
+    n = tensor_batch_size(shape, datatype, field, max_batch)
+    dtype = _PIXEL_DTYPES[datatype]
+    expected = n * PIXELS * dtype.itemsize
+    if len(raw) != expected:
+        raise InputError(
+            422,
+            f"'{field}' carries {len(raw)} bytes of binary data but a {datatype} tensor of shape {shape} "
+            f"is {expected} bytes",
+        )
+    arr = np.frombuffer(raw, dtype=dtype).reshape(n, PIXELS)
+    if datatype == "UINT8":
+        return arr.astype(np.float32) * np.float32(1 / 255)
+    return check_unit_range(arr, field)
+
+
+def split_bytes_elements(raw: bytes, field: str) -> list[bytes]:
+    """The binary layout of a BYTES tensor: each element is a 4-byte little-endian length, then its bytes."""
+    items: list[bytes] = []
+    offset = 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise InputError(422, f"'{field}' BYTES data is truncated: element {len(items)} has no complete length")
+        size = int.from_bytes(raw[offset : offset + 4], "little")
+        offset += 4
+        if offset + size > len(raw):
+            raise InputError(
+                422, f"'{field}' BYTES element {len(items)} declares {size} bytes but only {len(raw) - offset} remain"
+            )
+        items.append(raw[offset : offset + size])
+        offset += size
+    return items
+
+
+def images_from_elements(items: list[bytes], shape: Any, field: str, max_batch: int, max_pixels: int) -> np.ndarray:
+    """BYTES elements, each a PNG (raw, or base64 text of one), to float32 ``[N, 784]``."""
+    n = tensor_batch_size(shape, "BYTES", field, max_batch)
+    if len(items) != n:
+        raise InputError(422, f"'{field}' holds {len(items)} elements but shape {shape} needs {n}")
+    rows = []
+    for index, item in enumerate(items):
+        png = _png_element(item, field, index)
+        try:
+            rows.append(decode_png(png, max_pixels))
+        except InputError as exc:
+            raise InputError(exc.status_code, f"'{field}' element {index}: {exc.detail}") from None
+    return np.concatenate(rows)
+
+
+def _png_element(item: bytes, field: str, index: int) -> bytes:
+    import base64  # only the protocol's BYTES inputs need it
+    import binascii
+
+    if item.startswith(PNG_SIGNATURE):
+        return item
+    if not item:
+        raise InputError(422, f"'{field}' element {index} is empty: send a PNG image")
+    compact = _BASE64_SPACE.sub(b"", item)
+    compact += b"=" * (-len(compact) % 4)
+    try:
+        if b"-" in compact or b"_" in compact:
+            png = base64.urlsafe_b64decode(compact)
+        else:
+            png = base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        png = b""
+    if not png.startswith(PNG_SIGNATURE):
+        raise InputError(
+            422, f"'{field}' element {index} is neither a PNG image nor base64 text of one (no PNG signature)"
+        )
+    return png
