@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import gzip
+import io
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -44,13 +45,18 @@ from app.v2_codec import (
     split_body,
 )
 from tests.conftest import ROOT
-from tests.helpers import png_bytes
 
 FIXTURES = ROOT / "tests" / "fixtures"
 SEVEN_PNG = (FIXTURES / "seven.png").read_bytes()
 TWO_PNG = (FIXTURES / "two_28x28.png").read_bytes()
 MAX_BATCH = 100
 MAX_PIXELS = 4096 * 4096
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _digits(n: int = 3) -> np.ndarray:
@@ -201,7 +207,7 @@ def test_images_from_elements_takes_raw_png_and_base64_text_of_one() -> None:
 
 
 def test_images_from_elements_names_the_bad_element() -> None:
-    blank = png_bytes(Image.new("L", (28, 28), 255))
+    blank = _png(Image.new("L", (28, 28), 255))
     with _raises(422, "'input' element 1 is neither a PNG image nor base64 text of one"):
         images_from_elements([SEVEN_PNG, b"GIF89a...."], [2], "input", MAX_BATCH, MAX_PIXELS)
     with _raises(422, "'input' element 0 is neither a PNG image nor base64 text of one"):
