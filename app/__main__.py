@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import uvicorn
 
 from app.config import get_settings
@@ -11,6 +13,10 @@ __all__ = ["main"]
 
 def main() -> None:
     settings = get_settings()
+    # Uvicorn drains in-flight requests on SIGTERM, then re-raises the signal through the handler
+    # that was installed before it started. A no-op handler here turns that completed, graceful
+    # shutdown into exit status 0 (what orchestrators expect) instead of death by signal.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(
         "app.main:app",
         host=settings.host,

@@ -166,14 +166,21 @@ def save_checkpoint(
     return path
 
 
-def _describe_load_failure(exc: BaseException) -> str:
+def _describe_load_failure(path: Path, exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower():
         return (
             "refused by the safe loader (weights_only=True): the file holds Python objects other "
             "than tensors and plain data, so it may have been crafted to run code; it was not executed"
         )
-    if isinstance(exc, (EOFError, zipfile.BadZipFile)) or "central directory" in text or "zip archive" in text:
+    with path.open("rb") as fh:
+        starts_like_zip = fh.read(4) == b"PK\x03\x04"  # torch.save files are zip archives
+    if (
+        (starts_like_zip and not zipfile.is_zipfile(path))
+        or isinstance(exc, (EOFError, zipfile.BadZipFile))
+        or "central directory" in text
+        or "zip archive" in text
+    ):
         return f"truncated or corrupt checkpoint file ({text})"
     return f"not a readable PyTorch checkpoint ({type(exc).__name__}: {text[:200]})"
 
@@ -186,7 +193,7 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
     try:
         raw = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises a zoo of types for bad files; all mean "unusable"
-        raise CheckpointError(path, _describe_load_failure(exc)) from None
+        raise CheckpointError(path, _describe_load_failure(path, exc)) from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
         raise CheckpointError(path, f"not an {FORMAT} checkpoint (format field: {found!r})")

@@ -106,6 +106,7 @@ class ModelStore:
     def load_candidate(self, path: Path) -> ServedModel:
         """Load and fully validate ``path``; blocking, so call it off the event loop."""
         model, ckpt = load_model(path, self.device)
+        model.requires_grad_(False)  # a served model never needs gradients; belt and braces with inference_mode
         args = ckpt.model_args
         if args.get("in_features", 784) != 784 or args.get("num_classes", 10) != 10:
             raise CheckpointError(path, f"model_args {args} do not take 784 pixels to 10 classes")

@@ -140,8 +140,8 @@ def start_server(
         *(args or []),
     ]
     log_path = tmp_path / f"server-{port}.log"
-    log = log_path.open("wb")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    with log_path.open("wb") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     server = Server(proc, f"http://127.0.0.1:{port}", log_path)
     if wait_ready:
         deadline = time.monotonic() + timeout
