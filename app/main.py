@@ -21,7 +21,7 @@ from app.config import Settings, get_settings
 from app.errors import InputError
 from app.logs import configure_logging
 from app.middleware import RequestContextMiddleware, StartupErrorMiddleware
-from app.routes import admin, health, predict, v2
+from app.routes import admin, health, predict, ui, v2
 from app.store import ModelStore
 
 __all__ = ["app", "create_app"]
@@ -84,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(predict.router)
     app.include_router(health.router)
     app.include_router(admin.router)
+    app.include_router(ui.router)
     app.include_router(v2.router)
 
     @app.exception_handler(InputError)
