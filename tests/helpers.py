@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+
+from app.checkpoint import atomic_write, load_model, save_checkpoint, write_pointer
+from app.model import MLP
 
 
 def png_bytes(image: Image.Image, **params: object) -> bytes:
@@ -39,3 +44,57 @@ def drawn_like_a_person(digit: np.ndarray, index: int, mode: str) -> bytes:
     rgba = np.zeros((280, 280, 4), dtype=np.uint8)  # black ink...
     rgba[..., 3] = coverage  # ...whose opacity is the stroke; the paper is fully transparent
     return png_bytes(Image.fromarray(rgba, mode="RGBA"))
+
+
+def publish_variant(models_dir: Path, source: Path, seed: int, publish: bool = True) -> str:
+    """A new valid version: ``source``'s weights plus tiny noise (same accuracy, new sha256)."""
+    model, _ = load_model(source)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 1e-4)
+    path = save_checkpoint(
+        models_dir, model, {"test_accuracy": None, "note": f"variant {seed}"}, version=f"v{seed:03d}-ok"
+    )
+    if publish:
+        write_pointer(models_dir, path.stem)
+    return path.stem
+
+
+def write_bad_version(models_dir: Path, source: Path, kind: str, version: str, marker: Path | None = None) -> str:
+    """Publish a version that must be rejected: truncated, wrong-shapes, nan, inaccurate or pickle."""
+    path = models_dir / f"{version}.pt"
+    if kind == "truncated":
+        data = source.read_bytes()
+        atomic_write(path, lambda fh: fh.write(data[: len(data) // 3]))
+    elif kind == "wrong-shapes":
+        raw = torch.load(source, weights_only=True)
+        raw["state_dict"]["lin_2.weight"] = raw["state_dict"]["lin_2.weight"][:, :128]
+        raw["meta"].pop("weights_sha256", None)
+        atomic_write(path, lambda fh: torch.save(raw, fh))
+    elif kind == "nan":
+        raw = torch.load(source, weights_only=True)
+        raw["state_dict"]["lin_1.weight"][0, :10] = float("nan")
+        raw["meta"].pop("weights_sha256", None)
+        atomic_write(path, lambda fh: torch.save(raw, fh))
+    elif kind == "inaccurate":
+        torch.manual_seed(0)
+        save_checkpoint(models_dir, MLP(), {"note": "untrained: fails the accuracy gate"}, version=version)
+    elif kind == "pickle":
+        assert marker is not None
+        payload = {"format": "mnist-mlp/1", "state_dict": {}, "model_args": {}, "meta": {"x": RunsCode(marker)}}
+        atomic_write(path, lambda fh: torch.save(payload, fh))
+    else:
+        raise ValueError(kind)
+    write_pointer(models_dir, version)
+    return version
+
+
+class RunsCode:
+    """Unpickling this creates ``marker``: the canary for code execution during loading."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (Path.touch, (str(self.marker),))  # type: ignore[return-value]
