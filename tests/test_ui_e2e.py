@@ -1,0 +1,376 @@
+"""The digit pad in a real headless Chromium against a real uvicorn process.
+
+Needs Debian's ``chromium`` (``scripts/test-deps.sh`` installs it) and the ``playwright`` Python
+package; Playwright's own browser download is not used. Skips, saying why, when either is missing
+or Chromium cannot start. ``UPDATE_SCREENSHOT=1`` copies the drawn-7 screenshot to
+``docs/digit-pad.png`` (the README's picture).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import ROOT, Server, start_server
+from PIL import Image
+
+from app.checkpoint import read_pointer, version_path, write_pointer
+
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="the playwright package is not installed (pip install -e '.[dev]')"
+)
+expect = sync_api.expect
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    # conftest.start_server leaves the server's log file to the garbage collector (reported to its owner);
+    # only that one unclosed file is forgiven here.
+    pytest.mark.filterwarnings(
+        r"ignore:Exception ignored in. <_io.FileIO name="
+        r"'[^']*/server-[0-9]+\.log':pytest.PytestUnraisableExceptionWarning"
+    ),
+]
+
+CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
+# The machine has no network: no GPU, no sandbox (containers), and none of Chromium's background calls home.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SEVEN_PNG = ROOT / "tests" / "fixtures" / "seven.png"
+README_SCREENSHOT = ROOT / "docs" / "digit-pad.png"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TIMEOUT_MS = 15_000
+_DONE_OR_ERROR = re.compile(r"^(done|error)$")
+
+Stroke = list[tuple[float, float]]  # points in canvas fractions: (0, 0) top left, (1, 1) bottom right
+
+
+def _ellipse(cx: float, cy: float, rx: float, ry: float, points: int = 28) -> Stroke:
+    # Starts at the top and goes a little past the start so the loop closes, as a hand does.
+    return [
+        (cx + rx * math.sin(2 * math.pi * i / points), cy - ry * math.cos(2 * math.pi * i / points))
+        for i in range(points + 2)
+    ]
+
+
+DIGITS: dict[str, list[Stroke]] = {
+    "0": [_ellipse(0.5, 0.5, 0.2, 0.32)],
+    "1": [[(0.52, 0.15), (0.5, 0.5), (0.48, 0.85)]],
+    "7": [[(0.25, 0.2), (0.72, 0.2), (0.58, 0.45), (0.44, 0.85)]],
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One uvicorn for the module (each test gets a fresh browser context)."""
+    root = tmp_path_factory.mktemp("ui-server")
+    models = root / "models"
+    models.mkdir()
+    bundled = version_path(ROOT / "models", read_pointer(ROOT / "models") or "")
+    shutil.copy2(bundled, models / bundled.name)
+    write_pointer(models, bundled.stem)
+    server = start_server(root, env={"MNIST_MODEL_DIR": str(models)})
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM} (bash scripts/test-deps.sh installs Debian's chromium)")
+    playwright = sync_api.sync_playwright().start()
+    try:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+    except sync_api.Error as exc:
+        playwright.stop()
+        pytest.skip(f"Chromium at {CHROMIUM} could not be launched: {exc.message.splitlines()[0]}")
+    yield browser
+    browser.close()
+    playwright.stop()
+
+
+class Pad:
+    """A page on the digit pad, with what it logged and requested."""
+
+    def __init__(self, page: Any, server: Server) -> None:
+        self.page = page
+        self.server = server
+        self.problems: list[str] = []
+        self.predict_requests: list[tuple[dict[str, str], bytes]] = []  # (headers, body) of each POST /predict
+        self.foreign_requests: list[str] = []
+        page.on("console", self._console)
+        page.on("pageerror", lambda exc: self.problems.append(f"page error: {exc}"))
+        page.on("request", self._request)
+        # Routed rather than observed: only an intercepted request exposes a Blob body to the test.
+        page.route(f"{server.base_url}/predict", self._predict)
+
+    def _console(self, message: Any) -> None:
+        # A CSP violation, a failed asset or a script error all land here as errors.
+        if message.type in ("error", "warning"):
+            self.problems.append(f"console {message.type}: {message.text}")
+
+    def _request(self, request: Any) -> None:
+        if not request.url.startswith(self.server.base_url + "/"):
+            self.foreign_requests.append(request.url)
+
+    def _predict(self, route: Any) -> None:
+        request = route.request
+        assert request.method == "POST"
+        self.predict_requests.append((request.headers, request.post_data_buffer or b""))
+        route.continue_()
+
+    @property
+    def result(self) -> Any:
+        return self.page.locator("#result")
+
+    @property
+    def label(self) -> Any:
+        return self.page.locator("#label")
+
+    @property
+    def error(self) -> Any:
+        return self.page.locator("#error")
+
+    def open(self) -> None:
+        self.page.goto(self.server.base_url + "/")
+        expect(self.page.locator("#model")).to_contain_text("test accuracy")
+
+    def draw(self, strokes: list[Stroke]) -> None:
+        box = self.page.locator("#canvas").bounding_box()
+        assert box is not None
+        mouse = self.page.mouse
+        for stroke in strokes:
+            points = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in stroke]
+            mouse.move(*points[0])
+            mouse.down()
+            for x, y in points[1:]:
+                mouse.move(x, y, steps=6)
+            mouse.up()
+
+    def wait_settled(self) -> str:
+        """Wait until the latest drawing or upload has its answer; returns "done" or "error"."""
+        expect(self.result).to_have_attribute("data-state", _DONE_OR_ERROR, timeout=TIMEOUT_MS)
+        return str(self.result.get_attribute("data-state"))
+
+    def chart(self) -> list[tuple[str, str, float, bool]]:
+        """(digit, percentage text, bar width in px, is highlighted) for each row of the chart."""
+        rows = self.page.locator("#chart tbody tr")
+        return [
+            (
+                row.locator("th").inner_text(),
+                row.locator(".pct").inner_text(),
+                row.locator(".fill").evaluate("e => e.getBoundingClientRect().width"),
+                "top" in (row.get_attribute("class") or ""),
+            )
+            for row in rows.all()
+        ]
+
+    def shot(self, path: Path) -> Path:
+        self.page.screenshot(path=str(path), full_page=True)
+        assert path.stat().st_size > 1000
+        return path
+
+    def assert_clean(self) -> None:
+        assert not self.problems, self.problems
+        assert not self.foreign_requests, f"the page reached outside the service: {self.foreign_requests}"
+
+
+@pytest.fixture
+def pad(browser: Any, server: Server) -> Iterator[Pad]:
+    context = browser.new_context(viewport={"width": 1000, "height": 720}, device_scale_factor=1)
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    pad = Pad(page, server)
+    pad.open()
+    yield pad
+    context.close()
+    pad.assert_clean()
+
+
+def _detail(server: Server, body: bytes) -> str:
+    """What the server itself says about this PNG body (the page must show this very text)."""
+    response = httpx.post(f"{server.base_url}/predict", content=body, headers={"Content-Type": "image/png"})
+    assert response.status_code == 422
+    return str(response.json()["detail"])
+
+
+def _blank_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (64, 64), 255).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------
+# Tests
+
+
+@pytest.mark.parametrize("digit", sorted(DIGITS))
+def test_drawn_digit_is_recognised_and_charted(pad: Pad, server: Server, digit: str, tmp_path: Path) -> None:
+    info = httpx.get(f"{server.base_url}/model").json()
+    expect(pad.page.locator("#model")).to_contain_text(info["version"])
+    expect(pad.page.locator("#model")).to_contain_text(f"{100 * info['test_accuracy']:.2f}%")
+    expect(pad.result).to_have_attribute("data-state", "empty")
+
+    pad.draw(DIGITS[digit])
+    assert pad.wait_settled() == "done"
+    shot = pad.shot(tmp_path / f"drawn-{digit}.png")
+
+    expect(pad.label).to_have_text(digit)
+    chart = pad.chart()
+    assert [row[0] for row in chart] == [str(d) for d in range(10)]
+    percentages = [float(text.rstrip("%")) for _, text, _, _ in chart]
+    assert sum(percentages) == pytest.approx(100, abs=0.6)
+    assert [row[0] for row in chart if row[3]] == [digit]
+    widths = [row[2] for row in chart]
+    assert max(widths) == widths[int(digit)] > 50  # the winner's bar is the longest and visibly long
+    expect(pad.page.locator("#status")).to_contain_text(f"Predicted {digit}")
+    expect(pad.page.locator("#answered")).to_contain_text(info["version"])
+    expect(pad.error).to_be_hidden()
+
+    # What went over the wire: a real PNG of the canvas, as image/png, like any other client.
+    assert pad.predict_requests
+    for headers, body in pad.predict_requests:
+        assert headers["content-type"] == "image/png"
+        assert body.startswith(PNG_SIGNATURE)
+    with Image.open(io.BytesIO(pad.predict_requests[-1][1])) as sent:
+        assert sent.size == (280, 280)
+
+    if digit == "7" and os.environ.get("UPDATE_SCREENSHOT"):
+        README_SCREENSHOT.parent.mkdir(exist_ok=True)
+        shutil.copyfile(shot, README_SCREENSHOT)
+
+
+def test_clear_resets_the_pad_and_posts_nothing(pad: Pad, tmp_path: Path) -> None:
+    pad.draw(DIGITS["1"])
+    assert pad.wait_settled() == "done"
+    sent = len(pad.predict_requests)
+
+    pad.page.get_by_role("button", name="Clear").click()
+    expect(pad.result).to_have_attribute("data-state", "empty")
+    expect(pad.label).to_have_text("–")
+    assert {text for _, text, _, top in pad.chart() if not top} == {"–"}
+    # Longer than the page's debounce and maximum wait: a blank canvas is never sent.
+    pad.page.wait_for_timeout(1000)
+    assert len(pad.predict_requests) == sent
+    canvas_is_black = pad.page.evaluate(
+        """() => {
+            const c = document.getElementById("canvas");
+            const data = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+            for (let i = 0; i < data.length; i += 4) if (data[i] || data[i + 1] || data[i + 2]) return false;
+            return true;
+        }"""
+    )
+    assert canvas_is_black
+    pad.shot(tmp_path / "cleared.png")
+
+
+def test_upload_by_keyboard_recognises_the_png(pad: Pad, tmp_path: Path) -> None:
+    page = pad.page
+    # Ask Playwright to intercept file choosers now, well before the key press that opens one: enabling
+    # interception is not awaited by Playwright, and a chooser opened before it is on is never reported.
+    page.on("filechooser", lambda chooser: None)
+    # Tab from the top of the page: the buttons are reachable, in order, and show a focus ring.
+    focused: list[str] = []
+    for _ in range(8):
+        page.keyboard.press("Tab")
+        focused.append(page.evaluate("() => document.activeElement.id || document.activeElement.tagName"))
+        if focused[-1] == "upload":
+            break
+    assert focused[-2:] == ["clear", "upload"], focused
+    outline = page.evaluate("() => getComputedStyle(document.activeElement).outlineStyle")
+    assert outline not in ("", "none")
+
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    chooser.value.set_files(str(SEVEN_PNG))
+    assert pad.wait_settled() == "done"
+    expect(pad.label).to_have_text("7")
+    expect(page.locator("#status")).to_contain_text("seven.png")
+    headers, body = pad.predict_requests[-1]
+    assert headers["content-type"] == "image/png"
+    assert body == SEVEN_PNG.read_bytes()  # the file itself, untouched: the server does the normalising
+    pad.shot(tmp_path / "uploaded-seven.png")
+
+
+def test_server_errors_are_shown_to_the_user(pad: Pad, server: Server, tmp_path: Path) -> None:
+    file_input = pad.page.locator("#file")
+    not_png = b"these are not the pixels you are looking for\n"
+    blank = _blank_png()
+    for name, body, mime in (("notes.txt", not_png, "text/plain"), ("blank.png", blank, "image/png")):
+        expected = _detail(server, body)
+        file_input.set_input_files(files=[{"name": name, "mimeType": mime, "buffer": body}])
+        assert pad.wait_settled() == "error"
+        expect(pad.error).to_be_visible()
+        expect(pad.error).to_contain_text("422")
+        expect(pad.error).to_contain_text(expected)
+        expect(pad.label).to_have_text("?")
+        assert {text for _, text, _, _ in pad.chart()} == {"–"}
+        pad.shot(tmp_path / f"error-{name}.png")
+
+    # The next good answer takes the message away.
+    file_input.set_input_files(str(SEVEN_PNG))
+    assert pad.wait_settled() == "done"
+    expect(pad.error).to_be_hidden()
+    expect(pad.label).to_have_text("7")
+    # The console errors Chromium logs for the two 422 responses are expected here, nothing else.
+    pad.problems[:] = [p for p in pad.problems if "status of 422" not in p]
+
+
+def test_phone_width_layout_and_finger_drawing(browser: Any, server: Server, tmp_path: Path) -> None:
+    context = browser.new_context(
+        viewport={"width": 360, "height": 740}, device_scale_factor=2, is_mobile=True, has_touch=True
+    )
+    context.set_default_timeout(TIMEOUT_MS)
+    try:
+        page = context.new_page()
+        pad = Pad(page, server)
+        pad.open()
+        width = page.evaluate("() => window.innerWidth")
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= width
+        box = page.locator("#canvas").bounding_box()
+        assert box is not None
+        assert box["x"] >= 0
+        assert box["x"] + box["width"] <= width
+        assert box["width"] >= 250
+        for name in ("Clear", "Upload a PNG…"):
+            button = page.get_by_role("button", name=name).bounding_box()
+            assert button is not None
+            assert button["height"] >= 44
+            assert button["x"] + button["width"] <= width
+
+        # A finger, not a mouse: raw touch events, which Chromium turns into pointer events.
+        cdp = context.new_cdp_session(page)
+        top = (box["x"] + 0.5 * box["width"], box["y"] + 0.15 * box["height"])
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": top[0], "y": top[1]}]})
+        for i in range(1, 21):
+            y = box["y"] + (0.15 + 0.7 * i / 20) * box["height"]
+            cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [{"x": top[0], "y": y}]})
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+        assert pad.wait_settled() == "done"
+        expect(pad.label).to_have_text("1")
+        # Drawing did not scroll the page away (touch-action: none on the canvas).
+        assert page.evaluate("() => window.scrollY") == 0
+        pad.shot(tmp_path / "phone.png")
+        pad.assert_clean()
+    finally:
+        context.close()
