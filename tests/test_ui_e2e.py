@@ -29,16 +29,7 @@ sync_api = pytest.importorskip(
 )
 expect = sync_api.expect
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.slow,
-    # conftest.start_server leaves the server's log file to the garbage collector (reported to its owner);
-    # only that one unclosed file is forgiven here.
-    pytest.mark.filterwarnings(
-        r"ignore:Exception ignored in. <_io.FileIO name="
-        r"'[^']*/server-[0-9]+\.log':pytest.PytestUnraisableExceptionWarning"
-    ),
-]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
 # The machine has no network: no GPU, no sandbox (containers), and none of Chromium's background calls home.
