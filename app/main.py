@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from app import __version__
+from app import __version__, metrics
 from app.checkpoint import CheckpointError
 from app.config import Settings, get_settings
 from app.errors import InputError
@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
             store.close()
+            metrics.model_unloaded(store.serving_version)
 
     app = FastAPI(
         title="MNIST digit service",
@@ -84,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(predict.router)
     app.include_router(health.router)
     app.include_router(admin.router)
+    app.include_router(metrics.router)
     app.include_router(ui.router)
     app.include_router(v2.router)
 
@@ -104,7 +106,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logger.exception("unhandled error (request_id=%s)", getattr(request.state, "request_id", "-"))
         return JSONResponse({"detail": "internal server error"}, status_code=500)
 
-    app.add_middleware(RequestContextMiddleware, access_log=settings.access_log)
+    app.add_middleware(metrics.PredictionCounter)
+    app.add_middleware(RequestContextMiddleware, access_log=settings.access_log, observe=metrics.observe_request)
     app.add_middleware(StartupErrorMiddleware, message=lambda: startup_problem[-1] if startup_problem else None)
     return app
 

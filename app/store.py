@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from app import metrics
 from app.canary import Canary, CanaryFailure, load_canary
 from app.checkpoint import CheckpointError, load_model, read_pointer, version_path, write_pointer
 from app.config import Settings, pick_device
@@ -132,6 +133,7 @@ class ModelStore:
         return served
 
     def _swap(self, served: ServedModel) -> None:
+        metrics.model_swapped(self.serving_version, served.version)
         self.current = served  # the swap: one reference assignment, atomic for readers
         self._report()
 
@@ -149,6 +151,7 @@ class ModelStore:
 
     def _fail(self, version: str, problem: str) -> ReloadError:
         self.reloads["failure"] += 1
+        metrics.reload_failed()
         self.last_reload_error = {"version": version, "error": problem, "at": _now()}
         logger.warning("reload of %s rejected, still serving %s: %s", version, self.serving_version, problem)
         self._report()
