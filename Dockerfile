@@ -41,7 +41,7 @@ ENV PYTHONUNBUFFERED=1 \
 # uid/gid 10001: above any host account, and what the Kubernetes securityContext names.
 RUN groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --home-dir /app --no-create-home --shell /usr/sbin/nologin app \
-    && install -d -o app -g app /app /app/models /data
+    && install -d -o app -g app /app/models /data
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 # The bundled model. A named volume mounted here starts as a copy of it (owned by app), and the
