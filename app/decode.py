@@ -54,18 +54,7 @@ Image.MAX_IMAGE_PIXELS = None  # our own, lower limit is checked before decoding
 
 def pixels_to_array(value: Any, field: str, max_batch: int, batch: bool) -> np.ndarray:
     """Validate a nested list of pixel values in [0, 1]; returns float32 ``[N, 784]``."""
-    try:
-        arr = np.asarray(value)
-    except (ValueError, TypeError):
-        raise InputError(
-            422, f"'{field}' must be a rectangular array of numbers: its rows have different lengths"
-        ) from None
-    if arr.dtype.kind not in "iuf" or arr.dtype == np.bool_:
-        if arr.dtype == object and arr.ndim >= 1:
-            raise InputError(
-                422, f"'{field}' must be a rectangular array of numbers: rows differ in length or hold non-numbers"
-            )
-        raise InputError(422, f"'{field}' must contain only numbers (got {_kind_name(arr)})")
+    arr = _numeric_array(value, f"'{field}'")
     shape = arr.shape
     if batch:
         if arr.ndim not in (2, 3) or shape[1:] not in ((PIXELS,), (SIDE, SIDE)):
@@ -82,6 +71,23 @@ def pixels_to_array(value: Any, field: str, max_batch: int, batch: bool) -> np.n
         raise InputError(422, f"'{field}' must be 784 numbers (a flat list) or 28 rows of 28; got shape {list(shape)}")
     arr = arr.reshape(-1, PIXELS)
     return check_unit_range(arr, field)
+
+
+def _numeric_array(value: Any, what: str) -> np.ndarray:
+    """A nested JSON list as a numeric numpy array, or a 422 naming what is wrong with it."""
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError):
+        raise InputError(
+            422, f"{what} must be a rectangular array of numbers: its rows differ in length"
+        ) from None
+    if arr.dtype.kind not in "iuf" or arr.dtype == np.bool_:
+        if arr.dtype == object and arr.ndim >= 1:
+            raise InputError(
+                422, f"{what} must be a rectangular array of numbers: rows differ in length or hold non-numbers"
+            )
+        raise InputError(422, f"{what} must contain only numbers (got {_kind_name(arr)})")
+    return arr
 
 
 def check_unit_range(arr: np.ndarray, field: str) -> np.ndarray:
@@ -113,20 +119,26 @@ def _kind_name(arr: np.ndarray) -> str:
     return "values that are not numbers"
 
 
-def decode_json(body: bytes, max_batch: int) -> tuple[np.ndarray, bool]:
-    """``{"pixels": [...]}`` or ``{"instances": [[...], ...]}`` to (float32 ``[N, 784]``, is_batch)."""
+def load_json_object(body: bytes, hint: str) -> dict[str, Any]:
+    """Parse a JSON object with the same NaN / malformed / wrong-type messages as ``decode_json``."""
     if not body.strip():
-        raise InputError(400, f"empty request body: {_JSON_HINT}")
+        raise InputError(400, f"empty request body: {hint}")
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         if _NON_FINITE.search(body) or "infinity" in str(exc):  # NaN literals, or 1e999
             raise InputError(
-                422, "NaN and Infinity are not valid pixel values (nor valid JSON): send finite numbers in [0, 1]"
+                422, "NaN and Infinity are not valid pixel values (nor valid JSON): send finite numbers"
             ) from None
-        raise InputError(400, f"malformed JSON ({exc}): {_JSON_HINT}") from None
+        raise InputError(400, f"malformed JSON ({exc}): {hint}") from None
     if not isinstance(doc, dict):
-        raise InputError(422, f"expected a JSON object, got {type(doc).__name__}: {_JSON_HINT}")
+        raise InputError(422, f"expected a JSON object, got {type(doc).__name__}: {hint}")
+    return doc
+
+
+def decode_json(body: bytes, max_batch: int) -> tuple[np.ndarray, bool]:
+    """``{"pixels": [...]}`` or ``{"instances": [[...], ...]}`` to (float32 ``[N, 784]``, is_batch)."""
+    doc = load_json_object(body, _JSON_HINT)
     if len(doc) == 1 and "pixels" in doc:
         return pixels_to_array(doc["pixels"], "pixels", max_batch, batch=False), False
     if len(doc) == 1 and "instances" in doc:
@@ -335,23 +347,6 @@ _BYTES_SHAPES = "[N] (or [N, 1])"
 _BASE64_SPACE = re.compile(rb"\s+")
 
 
-def load_json_object(body: bytes, hint: str) -> dict[str, Any]:
-    """Parse a JSON object with the same NaN / malformed / wrong-type messages as ``decode_json``."""
-    if not body.strip():
-        raise InputError(400, f"empty request body: {hint}")
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        if _NON_FINITE.search(body) or "infinity" in str(exc):  # NaN literals, or 1e999
-            raise InputError(
-                422, "NaN and Infinity are not valid pixel values (nor valid JSON): send finite numbers"
-            ) from None
-        raise InputError(400, f"malformed JSON ({exc}): {hint}") from None
-    if not isinstance(doc, dict):
-        raise InputError(422, f"expected a JSON object, got {type(doc).__name__}: {hint}")
-    return doc
-
-
 def tensor_batch_size(shape: Any, datatype: str, field: str, max_batch: int) -> int:
     """Check a declared tensor shape against what ``datatype`` may carry; returns N, the image count."""
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
@@ -375,16 +370,7 @@ def tensor_from_json(data: Any, shape: Any, datatype: str, field: str, max_batch
     n = tensor_batch_size(shape, datatype, field, max_batch)
     if not isinstance(data, list):
         raise InputError(422, f"'{field}' data must be a JSON array of numbers, flat or nested")
-    try:
-        arr = np.asarray(data)
-    except (ValueError, TypeError):
-        raise InputError(
-            422, f"'{field}' data must be a flat or rectangular array: its rows differ in length"
-        ) from None
-    if arr.dtype.kind not in "iuf" or arr.dtype == np.bool_:
-        if arr.dtype == object and arr.ndim >= 1:
-            raise InputError(422, f"'{field}' data must be a rectangular array of numbers")
-        raise InputError(422, f"'{field}' data must contain only numbers (got {_kind_name(arr)})")
+    arr = _numeric_array(data, f"'{field}' data")
     if arr.size != n * PIXELS:
         raise InputError(422, f"'{field}' data holds {arr.size} values but shape {shape} needs {n * PIXELS}")
     arr = arr.reshape(n, PIXELS)
