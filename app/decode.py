@@ -63,14 +63,16 @@ def pixels_to_array(value: Any, field: str, max_batch: int, batch: bool) -> np.n
             )
         if shape[0] == 0:
             raise InputError(422, f"'{field}' is empty: send at least one image")
-        if shape[0] > max_batch:
-            raise InputError(
-                413, f"batch of {shape[0]} images is over the maximum of {max_batch}: split it into smaller requests"
-            )
+        _check_batch_size(shape[0], max_batch)
     elif shape not in ((PIXELS,), (SIDE, SIDE)):
         raise InputError(422, f"'{field}' must be 784 numbers (a flat list) or 28 rows of 28; got shape {list(shape)}")
     arr = arr.reshape(-1, PIXELS)
     return check_unit_range(arr, field)
+
+
+def _check_batch_size(n: int, max_batch: int) -> None:
+    if n > max_batch:
+        raise InputError(413, f"batch of {n} images is over the maximum of {max_batch}: split it into smaller requests")
 
 
 def _numeric_array(value: Any, what: str) -> np.ndarray:
@@ -78,9 +80,7 @@ def _numeric_array(value: Any, what: str) -> np.ndarray:
     try:
         arr = np.asarray(value)
     except (ValueError, TypeError):
-        raise InputError(
-            422, f"{what} must be a rectangular array of numbers: its rows differ in length"
-        ) from None
+        raise InputError(422, f"{what} must be a rectangular array of numbers: its rows differ in length") from None
     if arr.dtype.kind not in "iuf" or arr.dtype == np.bool_:
         if arr.dtype == object and arr.ndim >= 1:
             raise InputError(
@@ -162,8 +162,7 @@ def decode_uint8(body: bytes, max_batch: int) -> np.ndarray:
             422, f"body of {len(body)} bytes is not a whole number of 784-byte images (28x28 uint8 pixels each)"
         )
     n = len(body) // PIXELS
-    if n > max_batch:
-        raise InputError(413, f"batch of {n} images is over the maximum of {max_batch}: split it into smaller requests")
+    _check_batch_size(n, max_batch)
     return np.frombuffer(body, dtype=np.uint8).reshape(n, PIXELS).astype(np.float32) * np.float32(1 / 255)
 
 
@@ -191,8 +190,7 @@ def decode_npy(body: bytes, max_batch: int) -> np.ndarray:
     n = int(shape[0])
     if n == 0:
         raise InputError(422, ".npy array holds no images")
-    if n > max_batch:
-        raise InputError(413, f"batch of {n} images is over the maximum of {max_batch}: split it into smaller requests")
+    _check_batch_size(n, max_batch)
     count = n * PIXELS
     data = body[stream.tell() :]
     if len(data) != count * dtype.itemsize:
@@ -360,8 +358,7 @@ def tensor_batch_size(shape: Any, datatype: str, field: str, max_batch: int) -> 
     n = shape[0]
     if n == 0:
         raise InputError(422, f"'{field}' holds no images (shape {shape}): send at least one")
-    if n > max_batch:
-        raise InputError(413, f"batch of {n} images is over the maximum of {max_batch}: split it into smaller requests")
+    _check_batch_size(n, max_batch)
     return n
 
 
