@@ -31,23 +31,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from app.workers import default_runtime_dir
+from app.workers import default_runtime_dir, pid_alive
 
 logger = logging.getLogger("app.metrics")
 
 # Set beside PROMETHEUS_MULTIPROC_DIR when we derived it, so a child process (a server started
 # by a test run, say) derives its own folder instead of sharing its parent's numbers.
 _DERIVED_MARK = "MNIST_PROMETHEUS_DIR_DERIVED"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _clear_live_gauges(directory: Path, stale_only: bool) -> None:
@@ -61,7 +51,7 @@ def _clear_live_gauges(directory: Path, stale_only: bool) -> None:
         pid = path.stem.rpartition("_")[2]
         if not pid.isdigit():
             continue
-        if int(pid) == own or (stale_only and not _alive(int(pid))):
+        if int(pid) == own or (stale_only and not pid_alive(int(pid))):
             path.unlink(missing_ok=True)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from app.checkpoint import atomic_write
 
-__all__ = ["WorkerRegistry", "default_runtime_dir"]
+__all__ = ["WorkerRegistry", "default_runtime_dir", "pid_alive"]
 
 
 def default_runtime_dir() -> Path:
@@ -31,7 +31,8 @@ def default_runtime_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"mnist-serve-{owner}"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (signal 0 probes without sending anything)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -69,7 +70,7 @@ class WorkerRegistry:
             except (OSError, ValueError):
                 continue
             pid = status.get("pid")
-            if isinstance(pid, int) and _alive(pid):
+            if isinstance(pid, int) and pid_alive(pid):
                 workers.append(status)
             elif isinstance(pid, int):
                 path.unlink(missing_ok=True)  # left behind by a killed worker
