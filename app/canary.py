@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from app.checkpoint import Checkpoint, CheckpointError, load_model
 from app.inference import predict_proba
 from app.model import MLP
 
-__all__ = ["CANARY_PATH", "Canary", "CanaryFailure", "load_canary"]
+__all__ = ["CANARY_PATH", "Canary", "CanaryFailure", "load_canary", "validate_candidate"]
 
 CANARY_PATH = Path(__file__).resolve().parent / "data" / "canary.npz"
 
@@ -50,3 +51,30 @@ def load_canary(path: Path = CANARY_PATH) -> Canary:
     with np.load(path, allow_pickle=False) as data:
         images, labels = data["images"], data["labels"]
     return Canary(x=images.reshape(len(images), -1).astype(np.float32) / 255.0, y=labels.astype(np.int64))
+
+
+def validate_candidate(
+    path: Path, device: torch.device, min_accuracy: float, canary: Canary | None = None
+) -> tuple[MLP, Checkpoint, float]:
+    """Everything a checkpoint must pass before it may serve; raises :class:`CheckpointError`.
+
+    Safe loading and the strict structural checks (``load_model``), a model that takes 784
+    pixels to 10 classes, then the canary gate. The service runs this before every swap and
+    ``training.publish`` before every pointer switch, so ``CURRENT`` never names a model that
+    a starting worker would refuse.
+    """
+    try:
+        model, ckpt = load_model(path, device)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # an exotic tensor or a torch corner case: still just "unusable"
+        raise CheckpointError(path, f"unusable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+    model.requires_grad_(False)  # a served model never needs gradients; belt and braces with inference_mode
+    args = ckpt.model_args
+    if args.get("in_features", 784) != 784 or args.get("num_classes", 10) != 10:
+        raise CheckpointError(path, f"model_args {args} do not take 784 pixels to 10 classes")
+    try:
+        accuracy = (canary or load_canary()).check(model, device, min_accuracy)
+    except CanaryFailure as exc:
+        raise CheckpointError(path, str(exc)) from None
+    return model, ckpt, accuracy

@@ -13,6 +13,7 @@ names the live one. Both are written atomically (temporary file in the same fold
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -50,7 +51,7 @@ FORMAT = "mnist-mlp/1"
 POINTER_NAME = "CURRENT"
 SUFFIX = ".pt"
 # Versions become file names and appear in URLs: keep them to a safe alphabet.
-_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always used with fullmatch
 # A crafted file must not make us allocate a huge model before the shape checks reject it.
 _ARG_LIMITS = {"in_features": 1 << 16, "hidden": 1 << 16, "num_classes": 1 << 12}
 
@@ -98,7 +99,7 @@ def new_version_id(sha256: str, now: datetime | None = None) -> str:
 
 
 def check_version(version: str) -> str:
-    if not _VERSION_RE.match(version):
+    if not _VERSION_RE.fullmatch(version):
         raise ValueError(f"invalid model version {version!r}: use letters, digits, '.', '_' and '-' only")
     return version
 
@@ -202,8 +203,16 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
     ):
         raise CheckpointError(path, "'state_dict' must map parameter names to tensors")
+    for name, tensor in state_dict.items():
+        # Sparse, quantized or meta tensors would fail later in surprising ways: refuse them here.
+        if tensor.layout is not torch.strided or tensor.device.type != "cpu" or tensor.is_quantized:
+            raise CheckpointError(path, f"{name} is not a dense CPU tensor ({tensor.layout}, {tensor.device})")
     if not isinstance(model_args, dict) or not isinstance(meta, dict):
         raise CheckpointError(path, "'model_args' and 'meta' must be dictionaries")
+    try:
+        json.dumps(meta, allow_nan=True)
+    except (TypeError, ValueError):
+        raise CheckpointError(path, "'meta' must hold plain JSON data (strings, numbers, lists, dicts)") from None
     for name, value in model_args.items():
         limit = _ARG_LIMITS.get(name)
         if limit is None:
@@ -216,8 +225,10 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
 
 def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> MLP:
     """Rebuild the network from the checkpoint's own arguments and load its weights strictly."""
-    model = MLP(**ckpt.model_args)
-    expected = model.state_dict()
+    # Shapes are checked on a meta-device model (no memory) before a real one is allocated, so a
+    # tiny crafted file cannot make us build a huge network from its model_args.
+    with torch.device("meta"):
+        expected = MLP(**ckpt.model_args).state_dict()
     missing = sorted(set(expected) - set(ckpt.state_dict))
     unexpected = sorted(set(ckpt.state_dict) - set(expected))
     if missing or unexpected:
@@ -239,6 +250,7 @@ def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> MLP:
     stored_sha = ckpt.meta.get("weights_sha256")
     if stored_sha is not None and stored_sha != weights_sha256(ckpt.state_dict):
         raise CheckpointError(ckpt.path, "weights do not match the sha256 recorded in the checkpoint (corrupted?)")
+    model = MLP(**ckpt.model_args)
     model.load_state_dict({k: v.to(torch.float32) for k, v in ckpt.state_dict.items()}, strict=True)
     return model.to(device).eval()
 
@@ -272,4 +284,4 @@ def list_versions(models_dir: Path) -> list[str]:
     directory = Path(models_dir)
     if not directory.is_dir():
         return []
-    return sorted(p.stem for p in directory.glob(f"*{SUFFIX}") if _VERSION_RE.match(p.stem))
+    return sorted(p.stem for p in directory.glob(f"*{SUFFIX}") if _VERSION_RE.fullmatch(p.stem))

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from app import metrics
-from app.canary import Canary, CanaryFailure, load_canary
-from app.checkpoint import CheckpointError, load_model, read_pointer, version_path, write_pointer
+from app.canary import Canary, load_canary, validate_candidate
+from app.checkpoint import CheckpointError, read_pointer, version_path, write_pointer
 from app.config import Settings, pick_device
 from app.model import MLP
 from app.workers import WorkerRegistry
@@ -95,7 +95,7 @@ class ModelStore:
             return self.settings.model_path
         try:
             version = read_pointer(self.models_dir)
-        except ValueError as exc:
+        except (ValueError, OSError) as exc:
             raise CheckpointError(self.models_dir / "CURRENT", str(exc)) from None
         if version is None:
             raise CheckpointError(
@@ -106,15 +106,7 @@ class ModelStore:
 
     def load_candidate(self, path: Path) -> ServedModel:
         """Load and fully validate ``path``; blocking, so call it off the event loop."""
-        model, ckpt = load_model(path, self.device)
-        model.requires_grad_(False)  # a served model never needs gradients; belt and braces with inference_mode
-        args = ckpt.model_args
-        if args.get("in_features", 784) != 784 or args.get("num_classes", 10) != 10:
-            raise CheckpointError(path, f"model_args {args} do not take 784 pixels to 10 classes")
-        try:
-            accuracy = self.canary.check(model, self.device, self.settings.canary_min_accuracy)
-        except CanaryFailure as exc:
-            raise CheckpointError(path, str(exc)) from None
+        model, ckpt, accuracy = validate_candidate(path, self.device, self.settings.canary_min_accuracy, self.canary)
         return ServedModel(
             model=model,
             version=ckpt.version,
@@ -172,7 +164,7 @@ class ModelStore:
             if version is None:
                 try:
                     version = read_pointer(self.models_dir)
-                except ValueError as exc:
+                except (ValueError, OSError) as exc:
                     raise self._fail("?", f"CURRENT pointer is invalid: {exc}") from None
                 if version is None:
                     raise self._fail("?", f"no CURRENT pointer in {self.models_dir}")

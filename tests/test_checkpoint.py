@@ -175,3 +175,39 @@ def test_checkpoint_is_a_zip_with_no_code(tmp_path: Path) -> None:
     _, path = _saved(tmp_path)
     assert zipfile.is_zipfile(path)
     assert path.stat().st_size < 1_000_000
+
+
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants:UserWarning")
+def test_exotic_tensors_and_non_json_meta_are_refused(tmp_path: Path) -> None:
+    _, path = _saved(tmp_path)
+    raw = torch.load(path, weights_only=True)
+    raw["meta"].pop("weights_sha256")
+    sparse = dict(raw, state_dict={**raw["state_dict"], "lin_2.bias": raw["state_dict"]["lin_2.bias"].to_sparse()})
+    torch.save(sparse, path)
+    with pytest.raises(CheckpointError, match="lin_2.bias is not a dense CPU tensor"):
+        load_model(path)
+    tensor_meta = dict(raw, meta={**raw["meta"], "extra": torch.zeros(2)})
+    torch.save(tensor_meta, path)
+    with pytest.raises(CheckpointError, match="'meta' must hold plain JSON data"):
+        load_model(path)
+
+
+def test_huge_model_args_are_refused_before_allocating(tmp_path: Path) -> None:
+    """A tiny file claiming a 65536-wide network fails on shapes, without building that network."""
+    path = tmp_path / "huge.pt"
+    tiny = {"lin_1.weight": torch.zeros(1, 1), "lin_1.bias": torch.zeros(1), "lin_2.weight": torch.zeros(1, 1),
+            "lin_2.bias": torch.zeros(1)}  # fmt: skip
+    args = {"in_features": 65536, "hidden": 65536, "num_classes": 4096}
+    torch.save({"format": FORMAT, "state_dict": tiny, "model_args": args, "meta": {}}, path)
+    assert path.stat().st_size < 5000
+    with pytest.raises(CheckpointError, match=r"wrong shape for lin_1.weight: expected \[65536, 65536\]"):
+        load_model(path)
+
+
+def test_version_names_are_checked_whole() -> None:
+    from app.checkpoint import check_version
+
+    assert check_version("20261126T143950Z-fef0f007") == "20261126T143950Z-fef0f007"
+    for bad in ("abc\n", "../x", "", ".hidden", "a/b", "x" * 200):
+        with pytest.raises(ValueError, match="invalid model version"):
+            check_version(bad)

@@ -172,3 +172,35 @@ def test_admin_reload_errors(admin_client: TestClient, models_dir: Path, bundled
     assert info["last_reload_error"]["version"] == "v902-bad"
     assert "below the minimum" in info["last_reload_error"]["error"]
     assert read_pointer(models_dir) == current
+
+
+def test_unexpected_load_errors_become_rejections(
+    admin_client: TestClient, models_dir: Path, bundled_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever torch raises while loading, the answer is a recorded rejection, never a 500."""
+    import app.canary
+
+    second = publish_variant(models_dir, bundled_checkpoint, seed=4, publish=False)
+
+    def explode(*args: object, **kwargs: object) -> None:
+        raise NotImplementedError("sparse tensors are not supported here")
+
+    monkeypatch.setattr(app.canary, "load_model", explode)
+    response = admin_client.post("/admin/reload", json={"version": second}, headers=_auth())
+    assert response.status_code == 422
+    assert "unusable checkpoint (NotImplementedError" in response.json()["detail"]
+    assert admin_client.get("/model").json()["last_reload_error"]["version"] == second
+
+
+def test_publish_runs_the_same_gate_as_the_service(models_dir: Path, bundled_checkpoint: Path) -> None:
+    from training.publish import main as publish_main
+
+    current = read_pointer(models_dir)
+    write_bad_version(models_dir, bundled_checkpoint, "inaccurate", "v903-untrained")
+    from app.checkpoint import write_pointer
+
+    write_pointer(models_dir, str(current))
+    assert publish_main(["v903-untrained", "--models-dir", str(models_dir)]) == 1
+    assert read_pointer(models_dir) == current
+    assert publish_main(["v903-untrained", "--models-dir", str(models_dir), "--min-accuracy", "0"]) == 0
+    assert read_pointer(models_dir) == "v903-untrained"

@@ -1,9 +1,11 @@
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from app.checkpoint import list_versions, load_model, read_pointer
+from app.config import get_settings
 from app.model import MLP
 from training import evaluate as evaluate_cli
 from training import publish as publish_cli
@@ -54,6 +56,16 @@ def test_same_seed_same_weights(small: tuple[MnistTensors, MnistTensors]) -> Non
     assert not torch.equal(a.lin_1.weight, c.lin_1.weight)
 
 
+@pytest.fixture
+def low_canary_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A 2-epoch model on 2,048 images reaches ~80 % on the canary digits: lower the gate."""
+    monkeypatch.setenv("MNIST_CANARY_MIN_ACCURACY", "0.5")
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+@pytest.mark.usefixtures("low_canary_gate")
 def test_train_cli_writes_and_publishes_versions(
     mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -92,6 +104,17 @@ def test_train_cli_writes_and_publishes_versions(
     assert read_pointer(models) == second
     assert publish_cli.main([first, "--models-dir", str(models)]) == 0
     assert read_pointer(models) == first
+
+
+def test_a_model_that_fails_the_canary_is_stored_but_not_published(
+    mnist_root: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = read_pointer(models_dir)
+    args = ["--data-dir", str(mnist_root), "--models-dir", str(models_dir), "--no-progress"]
+    assert train_cli.main([*args, "--epochs", "1", "--limit", "256"]) == 1
+    assert "not published, the new version failed validation: canary accuracy" in capsys.readouterr().err
+    assert read_pointer(models_dir) == before
+    assert len(list_versions(models_dir)) == 2  # kept aside for inspection
 
 
 def test_publish_refuses_a_broken_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

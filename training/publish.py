@@ -13,19 +13,24 @@ import argparse
 import sys
 from pathlib import Path
 
-from app.checkpoint import CheckpointError, list_versions, load_model, read_pointer, version_path, write_pointer
-from app.config import default_models_dir
+import torch
+
+from app.canary import validate_candidate
+from app.checkpoint import CheckpointError, list_versions, read_pointer, version_path, write_pointer
+from app.config import default_models_dir, get_settings
 
 __all__ = ["main", "publish"]
 
 
-def publish(models_dir: Path, version: str, validate: bool = True) -> Path:
-    """Switch ``CURRENT`` to ``version`` after checking that the file loads as a valid model."""
+def publish(models_dir: Path, version: str, min_accuracy: float | None = None) -> Path:
+    """Switch ``CURRENT`` to ``version`` after the same checks the service runs before serving it.
+
+    Raises :class:`CheckpointError` naming the file and the problem; the pointer is then untouched.
+    """
     path = version_path(models_dir, version)
-    if validate:
-        load_model(path)  # raises CheckpointError naming the file and the problem
-    elif not path.is_file():
-        raise CheckpointError(path, "no such checkpoint file")
+    if min_accuracy is None:
+        min_accuracy = get_settings().canary_min_accuracy
+    validate_candidate(path, torch.device("cpu"), min_accuracy)
     write_pointer(models_dir, version)
     return path
 
@@ -38,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--models-dir", type=Path, default=default_models_dir(), help="folder of versions (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--min-accuracy",
+        type=float,
+        default=None,
+        help="canary accuracy the version must reach (default: MNIST_CANARY_MIN_ACCURACY, 0.9)",
     )
     args = parser.parse_args(argv)
 
@@ -55,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no versions in {args.models_dir}", file=sys.stderr)
         return 0
     try:
-        path = publish(args.models_dir, args.version)
+        path = publish(args.models_dir, args.version, args.min_accuracy)
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

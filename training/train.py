@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from tqdm import tqdm
 
-from app.checkpoint import save_checkpoint
+from app.checkpoint import CheckpointError, save_checkpoint
 from app.config import default_models_dir, pick_device
 from app.model import MLP
 from training.data import DataUnavailableError, MnistTensors, default_data_dir, load_mnist
@@ -175,9 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {path}")
     if args.no_publish:
         print(f"not published (--no-publish); activate with: python -m training.publish {path.stem}")
-    else:
+        return 0
+    try:
         publish(args.models_dir, path.stem)
-        print(f"published {path.stem} as current in {args.models_dir}")
+    except CheckpointError as exc:
+        print(f"error: not published, the new version failed validation: {exc.problem}", file=sys.stderr)
+        return 1
+    print(f"published {path.stem} as current in {args.models_dir}")
     return 0
 
 
