@@ -204,3 +204,13 @@ def test_publish_runs_the_same_gate_as_the_service(models_dir: Path, bundled_che
     assert read_pointer(models_dir) == current
     assert publish_main(["v903-untrained", "--models-dir", str(models_dir), "--min-accuracy", "0"]) == 0
     assert read_pointer(models_dir) == "v903-untrained"
+
+
+def test_admin_checks_the_token_before_reading_the_body(models_dir: Path, admin_client: TestClient) -> None:
+    with TestClient(create_app(Settings(model_dir=models_dir, reload_interval=0))) as disabled:
+        assert disabled.post("/admin/reload", content=b"{not json").status_code == 404
+    assert admin_client.post("/admin/reload", content=b"x" * 10_000_000).status_code == 401
+    assert admin_client.post("/admin/reload", content=b"x" * 10_000, headers=_auth()).status_code == 413
+    malformed = admin_client.post("/admin/reload", content=b"{not json", headers=_auth())
+    assert malformed.status_code == 422
+    assert 'expected {"version": "..."}' in malformed.json()["detail"]

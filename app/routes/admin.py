@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import hmac
 import os
-from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
+from pydantic import ValidationError
 
 from app.checkpoint import version_path
-from app.deps import SettingsDep, StoreDep
+from app.deps import SettingsDep, StoreDep, read_body
 from app.schemas import ErrorResponse, ReloadRequest, ReloadResponse
 from app.store import ReloadError
 
 __all__ = ["router"]
+
+# The body names at most a version: anything bigger is refused while reading.
+MAX_ADMIN_BODY = 4096
 
 
 def require_admin(request: Request, settings: SettingsDep) -> None:
@@ -45,8 +48,21 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(requir
         404: {"model": ErrorResponse, "description": "admin disabled (no token configured) or unknown version"},
         422: {"model": ErrorResponse, "description": "the version was rejected; the previous model keeps serving"},
     },
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": ReloadRequest.model_json_schema()}},
+        }
+    },
 )
-async def reload(store: StoreDep, body: Annotated[ReloadRequest | None, Body()] = None) -> ReloadResponse:
+async def reload(request: Request, store: StoreDep) -> ReloadResponse:
+    # The body is read here, after require_admin: an unauthenticated caller never gets it parsed.
+    raw = await read_body(request, MAX_ADMIN_BODY)
+    try:
+        body = ReloadRequest.model_validate_json(raw) if raw.strip() else None
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise HTTPException(422, f'expected {{"version": "..."}} or no body: {problems}') from None
     version = body.version if body else None
     previous = store.serving_version
     if version is not None:
