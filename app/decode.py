@@ -42,6 +42,7 @@ CENTER = 14.0
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Below this contrast (in [0, 1] units) an image is treated as blank rather than guessed at.
 MIN_CONTRAST = 0.1
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 _NON_FINITE = re.compile(rb"\b(?:NaN|-?Infinity)\b")
 _JSON_HINT = 'send {"pixels": [784 numbers]} for one digit or {"instances": [[784 numbers], ...]} for a batch'
 
@@ -183,6 +184,8 @@ def decode_npy(body: bytes, max_batch: int) -> np.ndarray:
         raise InputError(422, ".npy arrays of Python objects are refused: send uint8 or float32 pixels")
     if dtype.kind not in "uif" or dtype.kind == "b":
         raise InputError(422, f".npy dtype {dtype} is not supported: send uint8 (0-255) or float32 (0-1) pixels")
+    if any(dim < 0 for dim in shape):
+        raise InputError(422, f".npy header declares a negative dimension: {list(shape)}")
     if shape in ((PIXELS,), (SIDE, SIDE)):
         shape = (1, *shape)
     if len(shape) not in (2, 3) or tuple(shape[1:]) not in ((PIXELS,), (SIDE, SIDE)):
@@ -235,7 +238,9 @@ def png_to_gray(body: bytes, max_pixels: int) -> np.ndarray:
     except InputError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError) as exc:
-        raise InputError(422, f"corrupt or truncated PNG ({str(exc) or type(exc).__name__})") from None
+        # Pillow's messages can embed object reprs ("<_io.BytesIO object at 0x7f...>"): keep them out.
+        reason = _OBJECT_REPR.sub("", str(exc)).strip() or type(exc).__name__
+        raise InputError(422, f"corrupt or truncated PNG ({reason})") from None
     return _to_gray(image)
 
 

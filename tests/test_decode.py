@@ -325,3 +325,19 @@ def test_pixel_limit_is_configurable() -> None:
     data = png_bytes(Image.fromarray(_digit(64).astype(np.uint8) * 255, "L"))
     assert _err(decode_png, data, 64 * 64 - 1).status_code == 413
     assert decode_png(data, 64 * 64).shape == (1, 784)
+
+
+def test_error_messages_carry_no_object_reprs() -> None:
+    ihdr = struct.pack(">IIBBBBB", 10, 10, 8, 7, 0, 0, 0)  # colour type 7 does not exist
+    body = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IEND", b"")
+    error = _err(decode_png, body, MAX_PIXELS)
+    assert error.status_code == 422
+    assert "0x" not in error.detail
+    assert "corrupt or truncated PNG" in error.detail
+
+
+def test_npy_negative_dimensions() -> None:
+    body = _npy(np.zeros((1, 784), np.uint8)).replace(b"(1, 784)", b"(-4, 784)")
+    error = _err(decode_npy, body, MAX_BATCH)
+    assert error.status_code == 422
+    assert "negative dimension" in error.detail
