@@ -130,6 +130,8 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
         raise InputError(413, f"request body inflates to over the limit of {limit} bytes")
     if not inflater.eof:
         raise InputError(400, f"truncated {name} body")
+    if inflater.unused_data:
+        raise InputError(400, f"{len(inflater.unused_data)} unexpected bytes after the end of the {name} stream")
     return out
 
 
@@ -137,10 +139,10 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     """The JSON header and the binary tensor data after it (``Inference-Header-Content-Length``)."""
     if header_length is None:
         return body, b""
-    try:
-        size = int(header_length)
-    except ValueError:
-        raise InputError(400, f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from None
+    text = header_length.strip()
+    if not (text.isascii() and text.isdigit()):  # int() would also take "1_0", "+5" or "٣"
+        raise InputError(400, f"Inference-Header-Content-Length must be an integer, got {header_length!r}")
+    size = int(text)
     if not 0 <= size <= len(body):
         raise InputError(400, f"Inference-Header-Content-Length is {size} but the body holds only {len(body)} bytes")
     return body[:size], body[size:]

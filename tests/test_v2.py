@@ -410,10 +410,27 @@ async def test_gzip_request_bodies_are_inflated(client: httpx.AsyncClient) -> No
 
 
 @pytest.mark.anyio
-async def test_a_big_batch_is_decoded_off_the_event_loop_and_still_matches(client: httpx.AsyncClient) -> None:
-    images = digits(200)  # about 1.2 MB of JSON: over the inline limit
-    body = await v2_infer(client, {"inputs": [tensor("UINT8", [200, 784], images.tolist())]}, validate=False)
-    assert_same_answers(outputs_of(body), await predict(client, images.tobytes(), "application/octet-stream"))
+async def test_inference_runs_off_the_event_loop(client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    import app.routes.v2 as v2_routes
+
+    threads: list[threading.Thread] = []
+    real = v2_routes.predict_proba
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(v2_routes, "predict_proba", spy)
+    loop_thread = threading.current_thread()
+    for images in (digits(1), digits(200)):  # a tiny body and ~1.2 MB of JSON
+        body = await v2_infer(
+            client, {"inputs": [tensor("UINT8", list(images.shape), images.tolist())]}, validate=False
+        )
+        assert_same_answers(outputs_of(body), await predict(client, images.tobytes(), "application/octet-stream"))
+    assert len(threads) == 2
+    assert all(thread is not loop_thread for thread in threads)
 
 
 @pytest.mark.anyio

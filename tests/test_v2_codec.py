@@ -261,8 +261,9 @@ def test_metadata_names_the_extensions_the_model_and_its_tensors() -> None:
 def test_split_body_uses_the_inference_header_length() -> None:
     assert split_body(b"{}abc", None) == (b"{}abc", b"")
     assert split_body(b"{}abc", "2") == (b"{}", b"abc")
-    with _raises(400, "must be an integer"):
-        split_body(b"{}", "two")
+    for bad in ("two", "1_0", "+1", "-1", ""):
+        with _raises(400, "must be an integer"):
+            split_body(b"{}", bad)
     with _raises(400, "is 9 but the body holds only 2 bytes"):
         split_body(b"{}", "9")
 
@@ -287,6 +288,8 @@ def test_decompress_refuses_bombs_and_broken_bodies() -> None:
         decompress(zlib.compress(bytes(range(256)) * 10)[:-8], "deflate", 10_000)
     with _raises(400, "unsupported Content-Encoding 'br'"):
         decompress(b"x", "br", 1000)
+    with _raises(400, "5 unexpected bytes after the end of the gzip stream"):
+        decompress(gzip.compress(b"{}") + b"extra", "gzip", 1000)
 
 
 @pytest.mark.parametrize("binary", [False, True])

@@ -41,8 +41,6 @@ from app.v2_codec import (
 
 __all__ = ["router"]
 
-# Bodies above this size are decoded and predicted in the threadpool, as /predict does.
-INLINE_LIMIT = 64 * 1024
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
@@ -214,10 +212,9 @@ async def _infer(request: Request, settings: Settings, served: ServedModel) -> R
         settings,
         served,
     )
-    if len(body) > INLINE_LIMIT:
-        payload, json_size, count, datatype = await run_in_threadpool(_run, *args)
-    else:
-        payload, json_size, count, datatype = _run(*args)
+    # Always off the event loop: a small body can still be costly (a gzip body inflating to a big
+    # batch, a PNG declaring millions of pixels), and v2 traffic is bulk, where one thread hop is noise.
+    payload, json_size, count, datatype = await run_in_threadpool(_run, *args)
     request.state.input_kind = f"v2_{datatype.lower()}"
     request.state.predictions = count
     headers = {"x-model-version": served.version}
