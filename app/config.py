@@ -65,6 +65,13 @@ class Settings(BaseSettings):
     access_log: bool = Field(True, description="one structured line per request")
     graceful_timeout: float = Field(30.0, gt=0, description="seconds in-flight requests get after SIGTERM")
     torch_threads: int = Field(1, ge=0, description="intra-op threads per worker; 0 keeps torch's default")
+    microbatch: bool = Field(
+        True, description="run concurrent small /predict requests as one forward pass (docs/performance.md)"
+    )
+    microbatch_max_rows: int = Field(64, ge=1, le=4096, description="most images in one micro-batched forward pass")
+    microbatch_max_wait_ms: float = Field(
+        0.0, ge=0, le=1000, description="how long a micro-batch waits for more requests; 0: one event-loop turn"
+    )
 
     # Limits
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="largest request body, enforced while reading")
