@@ -2,26 +2,51 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import asyncio
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from typing import Annotated, Any
 
+import anyio
 import numpy as np
-from fastapi import APIRouter, Query, Request, Response
+import torch
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from app.batching import MicroBatcher
 from app.config import Settings
 from app.decode import decode_json, decode_npy, decode_png, decode_uint8
-from app.deps import ServedDep, SettingsDep, read_body
+from app.deps import read_body
 from app.errors import InputError
-from app.inference import encode_predictions, predict_proba
+from app.inference import encode_binary, encode_predictions, predict_proba
 from app.schemas import BatchPrediction, ErrorResponse, InstancesRequest, PixelsRequest, Prediction
 from app.store import ServedModel
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["predict"])
+
+class _PredictRoute(APIRoute):
+    """``/predict`` skips FastAPI's parameter solving when there is nothing to solve.
+
+    Without a query string the endpoint's only input is the request itself, and calling it
+    directly saves ~10 % of a single-digit request (docs/performance.md). With one (``top_k``),
+    FastAPI's own handler parses and validates it, with its usual 422 messages.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        solved = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            if request.scope.get("query_string"):
+                return await solved(request)
+            return await predict(request)
+
+        return handler
+
+
+router = APIRouter(tags=["predict"], route_class=_PredictRoute)
 
 JSON_TYPES = ("application/json",)
 PNG_TYPES = ("image/png",)
@@ -32,6 +57,11 @@ ACCEPTED = (*JSON_TYPES, *PNG_TYPES, *MULTIPART_TYPES, *RAW_TYPES, *NPY_TYPES)
 # Bodies above this size are decoded and predicted in the threadpool: small ones are cheaper
 # inline than a thread hop, big ones (batches, large PNGs) would stall the event loop.
 INLINE_LIMIT = 64 * 1024
+# Big requests a worker reads and computes at once. Each holds its body, its float32 copy and
+# activations (~80 MB for 10,000 images) and gets one core's worth of torch threads anyway: more
+# would only add memory. The others wait with their bytes still in the socket (flow control).
+HEAVY_CONCURRENCY = 2
+BINARY = "application/octet-stream"
 
 _OPENAPI: dict[str, Any] = {
     "requestBody": {
@@ -66,7 +96,18 @@ _OPENAPI: dict[str, Any] = {
                 "description": ".npy array (numpy.save): uint8 0-255 or float 0-1, shape (N,784) or (N,28,28)",
             },
         },
-    }
+    },
+    "responses": {
+        "200": {
+            "content": {
+                BINARY: {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": "with `Accept: application/octet-stream`: N x 10 little-endian float32 "
+                    "probabilities, row i for image i (the model version is in the X-Model-Version header)",
+                }
+            }
+        }
+    },
 }
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -113,6 +154,74 @@ async def _multipart_png(request: Request, body: bytes, settings: Settings) -> b
         await form.close()
 
 
+def _wants_binary(accept: str | None) -> bool:
+    """Whether ``Accept`` prefers ``application/octet-stream`` over JSON (q-values honoured, ties: first)."""
+    if not accept or BINARY not in accept.lower():
+        return False
+    best, best_q = "", -1.0
+    for part in accept.lower().split(","):
+        media, _, params = part.partition(";")
+        media = media.strip()
+        if media not in (BINARY, "application/json", "application/*", "*/*"):
+            continue
+        q = 1.0
+        for param in params.split(";"):
+            key, _, value = param.partition("=")
+            if key.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if q > best_q:
+            best, best_q = media, q
+    return best == BINARY and best_q > 0
+
+
+def _current(request: Request) -> ServedModel:
+    # Read once: the request keeps this model even if a reload swaps another in meanwhile.
+    served: ServedModel | None = request.app.state.store.current
+    if served is None:
+        raise HTTPException(503, "no model loaded yet")
+    return served
+
+
+def _forward(model: torch.nn.Module, x: np.ndarray, device: torch.device) -> np.ndarray:
+    # Looked up at call time, so a patched predict_proba (tests) reaches batched requests too.
+    return predict_proba(model, x, device)  # type: ignore[arg-type]
+
+
+class _LoopLocal:
+    """The micro-batcher and the big-request limiter of one app on one event loop.
+
+    Made on first use rather than in the lifespan: each event loop (a worker's, or each
+    TestClient's) gets its own, since futures and limiters belong to the loop that made them.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, settings: Settings) -> None:
+        self.loop = loop
+        self.heavy = anyio.CapacityLimiter(HEAVY_CONCURRENCY)
+        self.batcher = (
+            MicroBatcher(_forward, settings.microbatch_max_rows, settings.microbatch_max_wait_ms / 1000)
+            if settings.microbatch
+            else None
+        )
+
+
+def _loop_local(request: Request) -> _LoopLocal:
+    state = request.app.state
+    local: _LoopLocal | None = getattr(state, "predict_loop_local", None)
+    loop = asyncio.get_running_loop()
+    if local is None or local.loop is not loop:
+        local = state.predict_loop_local = _LoopLocal(loop, state.settings)
+    return local
+
+
+def _small(request: Request) -> bool:
+    """A declared Content-Length within INLINE_LIMIT (chunked or invalid: not known to be small)."""
+    declared = request.headers.get("content-length")
+    return declared is not None and declared.isdigit() and int(declared) <= INLINE_LIMIT
+
+
 def _decode(media: str, body: bytes, settings: Settings) -> tuple[np.ndarray, bool]:
     if media in JSON_TYPES:
         return decode_json(body, settings.max_batch_size)
@@ -123,10 +232,16 @@ def _decode(media: str, body: bytes, settings: Settings) -> tuple[np.ndarray, bo
     return decode_png(body, settings.max_image_pixels), False
 
 
-def _run(media: str, body: bytes, settings: Settings, served: ServedModel, top_k: int | None) -> tuple[bytes, int]:
+def _encode(probs: np.ndarray, served: ServedModel, batch: bool, top_k: int | None, binary: bool) -> bytes:
+    return encode_binary(probs) if binary else encode_predictions(probs, served.version, batch, top_k)
+
+
+def _run(
+    media: str, body: bytes, settings: Settings, served: ServedModel, top_k: int | None, binary: bool
+) -> tuple[bytes, int]:
     x, batch = _decode(media, body, settings)
     probs = predict_proba(served.model, x, served.device)
-    return encode_predictions(probs, served.version, batch, top_k), len(x)
+    return _encode(probs, served, batch, top_k, binary), len(x)
 
 
 @router.post(
@@ -138,22 +253,49 @@ def _run(media: str, body: bytes, settings: Settings, served: ServedModel, top_k
 )
 async def predict(
     request: Request,
-    served: ServedDep,
-    settings: SettingsDep,
     top_k: Annotated[int | None, Query(ge=1, le=10, description="also return the k most probable labels")] = None,
 ) -> Response:
+    # The hot route takes no dependencies: each sync dependency costs a threadpool round trip,
+    # and the settings and the store are plain attributes of the app (docs/performance.md).
+    served = _current(request)
+    settings: Settings = request.app.state.settings
     media = _media_type(request)
+    binary = _wants_binary(request.headers.get("accept"))
+    if binary and top_k is not None:
+        raise InputError(422, "top_k needs a JSON response; the application/octet-stream one has all 10 probabilities")
+    local = _loop_local(request)
+    if _small(request):
+        payload, count = await _respond(request, media, settings, served, top_k, binary, local)
+    else:
+        async with local.heavy:
+            payload, count = await _respond(request, media, settings, served, top_k, binary, local)
+    request.state.input_kind = _kind(media)
+    request.state.predictions = count
+    return Response(
+        payload, media_type=BINARY if binary else "application/json", headers={"x-model-version": served.version}
+    )
+
+
+async def _respond(
+    request: Request,
+    media: str,
+    settings: Settings,
+    served: ServedModel,
+    top_k: int | None,
+    binary: bool,
+    local: _LoopLocal,
+) -> tuple[bytes, int]:
     body = await read_body(request, settings.max_body_bytes)
     if media in MULTIPART_TYPES:
         body = await _multipart_png(request, body, settings)
         media = PNG_TYPES[0]
     if len(body) > INLINE_LIMIT:
-        payload, count = await run_in_threadpool(_run, media, body, settings, served, top_k)
-    else:
-        payload, count = _run(media, body, settings, served, top_k)
-    request.state.input_kind = _kind(media)
-    request.state.predictions = count
-    return Response(payload, media_type="application/json", headers={"x-model-version": served.version})
+        return await run_in_threadpool(_run, media, body, settings, served, top_k, binary)
+    if local.batcher is None:
+        return _run(media, body, settings, served, top_k, binary)
+    x, batch = _decode(media, body, settings)
+    probs = await local.batcher.predict(served, x)
+    return _encode(probs, served, batch, top_k, binary), len(x)
 
 
 def _kind(media: str) -> str:
