@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Settings", "default_models_dir", "get_settings", "pick_device"]
 
@@ -22,6 +24,8 @@ def default_models_dir() -> Path:
 
 def pick_device(name: str = "auto") -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; anything else is taken as a torch device name."""
+    import torch  # here, not at the top: the launcher reads settings without paying for torch (~2 s)
+
     if name != "auto":
         device = torch.device(name)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -80,7 +84,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_device(self) -> Settings:
-        pick_device(self.device)  # fail at startup, not on the first request
+        # Fail at startup, not on the first request. "auto" and "cpu" cannot fail: not importing
+        # torch for them keeps `python -m app` from loading it in the supervisor process too.
+        if self.device not in ("auto", "cpu"):
+            pick_device(self.device)
         return self
 
 
