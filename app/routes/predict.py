@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from typing import Annotated, Any
 
@@ -11,7 +12,6 @@ import numpy as np
 import torch
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.routing import APIRoute
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -57,10 +57,6 @@ ACCEPTED = (*JSON_TYPES, *PNG_TYPES, *MULTIPART_TYPES, *RAW_TYPES, *NPY_TYPES)
 # Bodies above this size are decoded and predicted in the threadpool: small ones are cheaper
 # inline than a thread hop, big ones (batches, large PNGs) would stall the event loop.
 INLINE_LIMIT = 64 * 1024
-# Big requests a worker reads and computes at once. Each holds its body, its float32 copy and
-# activations (~80 MB for 10,000 images) and gets one core's worth of torch threads anyway: more
-# would only add memory. The others wait with their bytes still in the socket (flow control).
-HEAVY_CONCURRENCY = 2
 BINARY = "application/octet-stream"
 
 _OPENAPI: dict[str, Any] = {
@@ -199,12 +195,24 @@ class _LoopLocal:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, settings: Settings) -> None:
         self.loop = loop
-        self.heavy = anyio.CapacityLimiter(HEAVY_CONCURRENCY)
+        # Big requests: as many computing at once as this worker's share of the cores, plus one
+        # being read. Each holds its body, a float32 copy and activations (~80 MB for 10,000
+        # images); more at once would only add memory and cache misses. The rest wait with their
+        # bytes still in the socket (flow control), not in this process.
+        self.compute = anyio.CapacityLimiter(max(1, _cpus() // settings.workers))
+        self.admit = anyio.CapacityLimiter(self.compute.total_tokens + 1)
         self.batcher = (
             MicroBatcher(_forward, settings.microbatch_max_rows, settings.microbatch_max_wait_ms / 1000)
             if settings.microbatch
             else None
         )
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _loop_local(request: Request) -> _LoopLocal:
@@ -267,7 +275,7 @@ async def predict(
     if _small(request):
         payload, count = await _respond(request, media, settings, served, top_k, binary, local)
     else:
-        async with local.heavy:
+        async with local.admit:
             payload, count = await _respond(request, media, settings, served, top_k, binary, local)
     request.state.input_kind = _kind(media)
     request.state.predictions = count
@@ -290,7 +298,7 @@ async def _respond(
         body = await _multipart_png(request, body, settings)
         media = PNG_TYPES[0]
     if len(body) > INLINE_LIMIT:
-        return await run_in_threadpool(_run, media, body, settings, served, top_k, binary)
+        return await anyio.to_thread.run_sync(_run, media, body, settings, served, top_k, binary, limiter=local.compute)
     if local.batcher is None:
         return _run(media, body, settings, served, top_k, binary)
     x, batch = _decode(media, body, settings)
