@@ -237,3 +237,26 @@ def _bundled_model(models_dir: Path) -> MLP:
     assert version
     model, _ = load_model(version_path(models_dir, version))
     return model
+
+
+# -- the other direction: big CPU batches are split into chunks --------------------------------
+
+
+def test_big_batches_are_computed_in_chunks_with_identical_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import app.inference as inference
+
+    model = _model(10)
+    chunk = inference.CPU_CHUNK
+    x = np.random.default_rng(10).random((2 * chunk + 5, 784), dtype=np.float32)
+    sizes: list[int] = []
+    handle = model.register_forward_hook(lambda module, inputs, output: sizes.append(len(output)))
+    try:
+        chunked = inference.predict_proba(model, x)
+        monkeypatch.setattr(inference, "CPU_CHUNK", len(x))
+        whole = inference.predict_proba(model, x)
+    finally:
+        handle.remove()
+    assert sizes == [chunk, chunk, 5, len(x)]
+    assert chunked.shape == (len(x), 10)
+    assert chunked.dtype == np.float32
+    np.testing.assert_array_equal(chunked, whole)
