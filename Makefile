@@ -52,6 +52,10 @@ train: $(VENV)/.installed-runtime
 evaluate: $(VENV)/.installed-runtime
 	$(BIN)/python -m training.evaluate --data-dir $(DATA_DIR)
 
+# BENCH_ARGS=--quick for a ~3 minute sanity run; any bench/http_bench.py option works.
+bench: $(VENV)/.installed-dev
+	PYTHON=$(BIN)/python bash bench/run.sh $(BENCH_ARGS)
+
 bench-train: $(VENV)/.installed-dev
 	$(BIN)/python bench/train_bench.py --data-dir $(DATA_DIR)
 
