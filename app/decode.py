@@ -202,7 +202,7 @@ def decode_npy(body: bytes, max_batch: int) -> np.ndarray:
         raise InputError(422, ".npy array holds no images")
     _check_batch_size(n, max_batch)
     count = n * PIXELS
-    data = body[stream.tell() :]
+    data = memoryview(body)[stream.tell() :]  # a view: slicing the bytes would copy the whole array
     if len(data) != count * dtype.itemsize:
         raise InputError(
             422, f".npy data is {len(data)} bytes but its header promises {count * dtype.itemsize}: truncated?"
