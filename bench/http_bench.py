@@ -12,8 +12,10 @@ Starts each server in turn on 127.0.0.1, with the same number of worker processe
   ``torch.tensor(list)``, a forward, ``.tolist()``), under uvicorn's defaults;
 * ``litserve``: ``bench/litserve_app.py``, LitServe serving the same checkpoint.
 
-Each server is checked with one request per workload (status 200 and the right answer), then
-driven by ``wrk -t1`` (``bench/post.lua``) for ``--duration`` seconds per concurrency level.
+All servers are started (one at a time, each timed from start to ready) and stay up, idle when
+not driven. Each is checked with one request per workload (status 200 and the right answer),
+then driven by ``wrk -t1`` (``bench/post.lua``) for ``--duration`` seconds per concurrency level,
+the servers' cells interleaved so that noise from elsewhere on the machine hits them alike.
 Workloads are real MNIST test digits: one JSON vector, one 28x28 PNG, one 280x280 RGB PNG as a
 drawing pad sends it, a JSON batch of 1,000 vectors, and 10,000 raw uint8 images (also as
 ``.npy``, and with the compact ``Accept: application/octet-stream`` response).
@@ -649,14 +651,19 @@ def acceptance(cells: list[Cell], servers: list[Server], memory: MemoryReport | 
 
 
 @contextmanager
-def running(server: Server, wait_for_workers: int) -> Iterator[Server]:
-    server.start()
+def running(servers: list[Server], workers: int) -> Iterator[list[Server]]:
+    """Start the servers one after the other (each timed alone), stop them all at the end."""
     try:
-        if server.key.startswith("service"):
-            _wait_all_workers(server, wait_for_workers)
-        yield server
+        for server in servers:
+            server.start()
+            if server.key.startswith("service"):
+                _wait_all_workers(server, workers)
+            print(f"   {server.label}: ready in {server.ready_s:.2f} s (port {server.port})", flush=True)
+            server.settle()
+        yield servers
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
 
 
 def _wait_all_workers(server: Server, workers: int, timeout: float = 60) -> None:
@@ -671,26 +678,36 @@ def _wait_all_workers(server: Server, workers: int, timeout: float = 60) -> None
     raise RuntimeError(f"{server.label}: not all {workers} workers ready after {timeout} s")
 
 
-def drive(server: Server, workload: Workload, body: Path, args: argparse.Namespace) -> list[Cell]:
-    """Check the answer, warm up, then one wrk run per concurrency level, each from an idle server."""
-    check_answer(server, workload)
-    if not workload.batch:
-        wrk(server, workload, body, 16, 1)  # warm-up, not recorded
+def drive(servers: list[Server], workload: Workload, body: Path, args: argparse.Namespace) -> list[Cell]:
+    """Every server that has this workload, interleaved: at each concurrency level, one cell each.
+
+    Running the servers' cells side by side in time means a burst of load from elsewhere on the
+    machine hits them alike, so the ratios between them stay meaningful.
+    """
+    for server in servers:
+        check_answer(server, workload)
+        if not workload.batch:
+            wrk(server, workload, body, 16, 1)  # warm-up, not recorded
     cells = []
-    single_s = 0.0
+    single_s = dict.fromkeys((s.key for s in servers), 0.0)
     for concurrency in args.concurrency_list:
+        for server in servers:
+            server.settle()
+            seconds = cell_seconds(
+                workload, concurrency, single_s[server.key], args.duration, args.batch_cap, args.workers
+            )
+            cell = wrk(server, workload, body, concurrency, seconds)
+            if concurrency == 1 and cell.requests:
+                single_s[server.key] = cell.seconds / cell.requests
+            cells.append(cell)
+            print(
+                f"   {workload.title:38s} c={concurrency:<3d} {server.label:28s} {cell.rps:9,.1f} req/s "
+                f"{cell.pps:11,.0f} pred/s  p50 {cell.p50_ms:7.1f} ms  p99 {cell.p99_ms:7.1f} ms  "
+                f"errors {cell.errors}  ({cell.seconds:.0f} s)",
+                flush=True,
+            )
+    for server in servers:
         server.settle()
-        seconds = cell_seconds(workload, concurrency, single_s, args.duration, args.batch_cap, args.workers)
-        cell = wrk(server, workload, body, concurrency, seconds)
-        if concurrency == 1 and cell.requests:
-            single_s = cell.seconds / cell.requests
-        cells.append(cell)
-        print(
-            f"   {workload.title:38s} c={concurrency:<3d} {cell.rps:9,.1f} req/s {cell.pps:11,.0f} pred/s  "
-            f"p50 {cell.p50_ms:7.1f} ms  p99 {cell.p99_ms:7.1f} ms  errors {cell.errors}  ({cell.seconds:.0f} s)",
-            flush=True,
-        )
-    server.settle()
     return cells
 
 
@@ -745,27 +762,20 @@ def main(argv: list[str] | None = None) -> int:
         for workload in args.workload_list:
             bodies[workload.name] = scratch / f"{workload.name}.body"
             bodies[workload.name].write_bytes(workload.body)
-        servers = make_servers(args, args.out, scratch)
-        for server in servers:
-            names = [n for n in workloads if n in server.workloads]
-            if not names:
-                continue
-            print(f"\n== {server.label} (port {server.port})", flush=True)
-            with running(server, args.workers):
-                if server.ready_s is not None:
-                    print(f"   ready in {server.ready_s:.2f} s")
-                measure_memory = server.key == "service-batch-on" and "json1" in names
-                if measure_memory:  # first, on a fresh process: the growth is the service's own
-                    first, second = args.memory_list
-                    memory = memory_run(server, workloads["json1"], bodies["json1"], first, second)
-                    memory.torch_alone = torch_import_memory()
-                    print(
-                        f"   memory after {memory.second_requests:,} requests: {'; '.join(map(str, memory.at_second))}"
-                    )
-                for name in names:
-                    cells += drive(server, workloads[name], bodies[name], args)
-                if measure_memory and memory is not None:
-                    memory.after_all = [Memory.of(pid) for pid in memory.pids]
+        servers = [server for server in make_servers(args, args.out, scratch) if server.workloads & set(workloads)]
+        print("\n== starting the servers", flush=True)
+        with running(servers, args.workers):
+            on = next((x for x in servers if x.key == "service-batch-on"), None)
+            if on is not None and "json1" in workloads:  # first: the growth is the service's own
+                first, second = args.memory_list
+                memory = memory_run(on, workloads["json1"], bodies["json1"], first, second)
+                memory.torch_alone = torch_import_memory()
+                print(f"   memory after {memory.second_requests:,} requests: {'; '.join(map(str, memory.at_second))}")
+            for name, workload in workloads.items():
+                print(f"\n== {workload.title}", flush=True)
+                cells += drive([x for x in servers if name in x.workloads], workload, bodies[name], args)
+            if memory is not None and on is not None:
+                memory.after_all = [Memory.of(pid) for pid in memory.pids]
     ratios(cells)
     load_after = os.getloadavg()
     text = table(cells, args.workload_list, servers)
