@@ -15,7 +15,8 @@ Starts each server in turn on 127.0.0.1, with the same number of worker processe
 All servers are started (one at a time, each timed from start to ready) and stay up, idle when
 not driven. Each is checked with one request per workload (status 200 and the right answer),
 then driven by ``wrk -t1`` (``bench/post.lua``) for ``--duration`` seconds per concurrency level,
-the servers' cells interleaved so that noise from elsewhere on the machine hits them alike.
+the servers' cells interleaved so that noise from elsewhere on the machine hits them alike;
+single-image cells are run three times (``--rounds``) and the median round is reported.
 Workloads are real MNIST test digits: one JSON vector, one 28x28 PNG, one 280x280 RGB PNG as a
 drawing pad sends it, a JSON batch of 1,000 vectors, and 10,000 raw uint8 images (also as
 ``.npy``, and with the compact ``Accept: application/octet-stream`` response).
@@ -46,7 +47,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -467,6 +468,7 @@ class Cell:
     items: int
     ratio: float | None = None
     details: dict[str, int] = field(default_factory=dict)
+    rounds: int = 1
 
     @property
     def rps(self) -> float:
@@ -682,33 +684,44 @@ def drive(servers: list[Server], workload: Workload, body: Path, args: argparse.
     """Every server that has this workload, interleaved: at each concurrency level, one cell each.
 
     Running the servers' cells side by side in time means a burst of load from elsewhere on the
-    machine hits them alike, so the ratios between them stay meaningful.
+    machine hits them alike. Single-image workloads are run ``--rounds`` times and each cell
+    reports its median round (errors summed over all rounds); batch cells are long enough as is.
     """
     for server in servers:
         check_answer(server, workload)
         if not workload.batch:
             wrk(server, workload, body, 16, 1)  # warm-up, not recorded
-    cells = []
+    rounds: dict[tuple[str, int], list[Cell]] = {}
     single_s = dict.fromkeys((s.key for s in servers), 0.0)
-    for concurrency in args.concurrency_list:
-        for server in servers:
-            server.settle()
-            seconds = cell_seconds(
-                workload, concurrency, single_s[server.key], args.duration, args.batch_cap, args.workers
-            )
-            cell = wrk(server, workload, body, concurrency, seconds)
-            if concurrency == 1 and cell.requests:
-                single_s[server.key] = cell.seconds / cell.requests
-            cells.append(cell)
-            print(
-                f"   {workload.title:38s} c={concurrency:<3d} {server.label:28s} {cell.rps:9,.1f} req/s "
-                f"{cell.pps:11,.0f} pred/s  p50 {cell.p50_ms:7.1f} ms  p99 {cell.p99_ms:7.1f} ms  "
-                f"errors {cell.errors}  ({cell.seconds:.0f} s)",
-                flush=True,
-            )
+    for round_ in range(1 if workload.batch else args.rounds):
+        for concurrency in args.concurrency_list:
+            for server in servers:
+                server.settle()
+                seconds = cell_seconds(
+                    workload, concurrency, single_s[server.key], args.duration, args.batch_cap, args.workers
+                )
+                cell = wrk(server, workload, body, concurrency, seconds)
+                if concurrency == 1 and cell.requests:
+                    single_s[server.key] = cell.seconds / cell.requests
+                rounds.setdefault((server.key, concurrency), []).append(cell)
+                print(
+                    f"   {workload.title:38s} c={concurrency:<3d} {server.label:28s} {cell.rps:9,.1f} req/s "
+                    f"{cell.pps:11,.0f} pred/s  p50 {cell.p50_ms:7.1f} ms  p99 {cell.p99_ms:7.1f} ms  "
+                    f"errors {cell.errors}  ({cell.seconds:.0f} s{f', round {round_ + 1}' if round_ else ''})",
+                    flush=True,
+                )
     for server in servers:
         server.settle()
-    return cells
+    return [median_cell(cells) for cells in rounds.values()]
+
+
+def median_cell(cells: list[Cell]) -> Cell:
+    """The round with the median throughput, with the errors of every round."""
+    ordered = sorted(cells, key=lambda c: c.rps)
+    middle = ordered[(len(ordered) - 1) // 2]
+    errors = sum(c.errors for c in cells)
+    details = {k: sum(c.details.get(k, 0) for c in cells) for k in middle.details}
+    return replace(middle, errors=errors, details=details, rounds=len(cells))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -716,6 +729,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a fast sanity run: 2 s cells, c=1 and 64, ~20k requests")
     parser.add_argument("--workers", type=int, default=int(os.environ.get("MNIST_WORKERS", "2")))
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per cell (default 6; --quick: 2)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="runs of each single-image cell; the median is reported (--quick: 1)"
+    )
     parser.add_argument(
         "--batch-cap", type=float, default=30.0, help="longest cell for slow batch servers (default 30; --quick: 8)"
     )
@@ -729,6 +745,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.duration = 2.0
+        args.rounds = 1
         args.batch_cap = 8.0
         if args.concurrency == parser.get_default("concurrency"):
             args.concurrency = "1,64"
@@ -782,7 +799,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = acceptance(cells, servers, memory, args.workers)
     header = (
         f"{started:%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPUs; {args.workers} worker(s) per server; "
-        f"wrk -t1, {args.duration:g} s per cell; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after"
+        f"wrk -t1, {args.duration:g} s per cell, single-image cells the median of {args.rounds} rounds; "
+        f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after"
     )
     print(f"\n{header}\n\n{text}\n")
     for line in summary:

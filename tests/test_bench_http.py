@@ -136,9 +136,21 @@ def test_memory_of_this_process() -> None:
 def test_quick_mode_shortens_everything() -> None:
     args = http_bench.parse_args(["--quick"])
     assert args.duration == 2.0
+    assert args.rounds == 1
     assert args.concurrency_list == [1, 64]
     assert args.memory_list == [2000, 20000]
     full = http_bench.parse_args([])
+    assert full.rounds == 3
     assert full.concurrency_list == [1, 16, 64]
     assert full.memory_list == [10_000, 100_000]
     assert full.server_list == {"service", "naive", "litserve"}
+
+
+def test_a_cell_reports_its_median_round_and_every_error() -> None:
+    rounds = [_cell("json1", "naive", 64, n) for n in (900, 1000, 1100)]
+    rounds[0].errors, rounds[2].errors = 2, 3
+    median = http_bench.median_cell(rounds)
+    assert median.requests == 1000
+    assert median.errors == 5
+    assert median.rounds == 3
+    assert http_bench.median_cell(rounds[:2]).requests == 900  # even count: the lower middle
