@@ -18,17 +18,17 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F  # noqa: N812
-from torch.utils.data import DataLoader
-from torchvision.transforms import ToTensor
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402, N812
+from torch.utils.data import DataLoader  # noqa: E402
+from torchvision.transforms import ToTensor  # noqa: E402
 
+import training  # noqa: E402, F401 - sets the OpenMP wait policy before torch loads, for both trainers
 from app.config import pick_device  # noqa: E402
 from app.model import MLP  # noqa: E402
 from training.data import load_mnist, mnist_dataset  # noqa: E402
-from training.train import evaluate, fit  # noqa: E402
+from training.train import DEFAULT_SEED, evaluate, fit  # noqa: E402
 
 
 def train_dataloader(data_dir: Path, epochs: int, batch_size: int, lr: float, seed: int, device: torch.device) -> MLP:
@@ -60,7 +60,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     device = pick_device(args.device)
