@@ -76,6 +76,11 @@ class Digits:
 
 def load_digits(data_dir: Path, count: int) -> Digits:
     """The first ``count`` MNIST test digits, or the ten fixture digits repeated when MNIST is absent."""
+    import torch
+
+    # One thread: a parallel op would leave an OpenMP worker spinning in this process (seen using
+    # a whole core for the rest of a run, next to the servers being measured).
+    torch.set_num_threads(1)
     try:
         from training.data import load_mnist
 
