@@ -15,7 +15,7 @@ help:
 	@echo "make serve   set up and start the service on http://127.0.0.1:8000 (the bundled model)"
 	@echo "make test    set up and run ruff, mypy and the whole test suite"
 	@echo "make train   retrain with the default recipe (DATA_DIR=../shared/data) and publish"
-	@echo "make bench   the HTTP benchmark harness (bench/README.md)"
+	@echo "make bench   the HTTP benchmark harness (docs/performance.md)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
