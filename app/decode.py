@@ -220,6 +220,17 @@ def decode_npy(body: bytes, max_batch: int) -> np.ndarray:
 # Images
 
 
+def png_declared_pixels(body: bytes) -> int:
+    """Width x height from a PNG's IHDR without decoding anything (0 when it is not a PNG).
+
+    Decoding cost follows the declared size, not the compressed size: a 40 KB file can declare
+    16 million pixels. Callers use this to keep such work off the event loop.
+    """
+    if len(body) < 24 or not body.startswith(PNG_SIGNATURE) or body[12:16] != b"IHDR":
+        return 0
+    return int.from_bytes(body[16:20], "big") * int.from_bytes(body[20:24], "big")
+
+
 def decode_png(body: bytes, max_pixels: int) -> np.ndarray:
     """A PNG of any size and mode to one MNIST-like float32 ``[1, 784]`` row."""
     return mnistify(png_to_gray(body, max_pixels)).reshape(1, PIXELS)

@@ -341,3 +341,13 @@ def test_npy_negative_dimensions() -> None:
     error = _err(decode_npy, body, MAX_BATCH)
     assert error.status_code == 422
     assert "negative dimension" in error.detail
+
+
+def test_png_declared_pixels_reads_only_the_header() -> None:
+    from app.decode import png_declared_pixels
+
+    assert png_declared_pixels(png_bytes(Image.new("L", (300, 20)))) == 6000
+    ihdr = struct.pack(">IIBBBBB", 16_000_000, 1, 8, 0, 0, 0, 0)
+    assert png_declared_pixels(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)) == 16_000_000
+    assert png_declared_pixels(b"GIF89a" + b"\0" * 40) == 0
+    assert png_declared_pixels(b"\x89PNG\r\n\x1a\n") == 0

@@ -17,7 +17,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from app.batching import MicroBatcher
 from app.config import Settings
-from app.decode import decode_json, decode_npy, decode_png, decode_uint8
+from app.decode import decode_json, decode_npy, decode_png, decode_uint8, png_declared_pixels
 from app.deps import read_body
 from app.errors import InputError
 from app.inference import encode_binary, encode_predictions, predict_proba
@@ -57,6 +57,8 @@ ACCEPTED = (*JSON_TYPES, *PNG_TYPES, *MULTIPART_TYPES, *RAW_TYPES, *NPY_TYPES)
 # Bodies above this size are decoded and predicted in the threadpool: small ones are cheaper
 # inline than a thread hop, big ones (batches, large PNGs) would stall the event loop.
 INLINE_LIMIT = 64 * 1024
+# A small PNG can still declare a huge image: above this many pixels it is decoded in a thread.
+INLINE_PIXELS = 512 * 512
 BINARY = "application/octet-stream"
 
 _OPENAPI: dict[str, Any] = {
@@ -297,7 +299,7 @@ async def _respond(
     if media in MULTIPART_TYPES:
         body = await _multipart_png(request, body, settings)
         media = PNG_TYPES[0]
-    if len(body) > INLINE_LIMIT:
+    if len(body) > INLINE_LIMIT or (media in PNG_TYPES and png_declared_pixels(body) > INLINE_PIXELS):
         return await anyio.to_thread.run_sync(_run, media, body, settings, served, top_k, binary, limiter=local.compute)
     if local.batcher is None:
         return _run(media, body, settings, served, top_k, binary)
