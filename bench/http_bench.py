@@ -55,6 +55,9 @@ import numpy as np
 import orjson
 from PIL import Image
 
+# The environment the servers get, taken before anything is imported from the project: importing
+# `training` sets OMP_WAIT_POLICY=ACTIVE for the trainer, which a deployed server does not have.
+SERVER_ENV = dict(os.environ)
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -368,7 +371,7 @@ def request(
 
 def make_servers(args: argparse.Namespace, logs: Path, runtime: Path) -> list[Server]:
     workers = str(args.workers)
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("MNIST_", "PROMETHEUS_"))}
+    base = {k: v for k, v in SERVER_ENV.items() if not k.startswith(("MNIST_", "PROMETHEUS_"))}
     base["PYTHONUNBUFFERED"] = "1"
     singles = {"json1", "png28", "png280"}
     servers: list[Server] = []

@@ -154,3 +154,22 @@ def test_a_cell_reports_its_median_round_and_every_error() -> None:
     assert median.errors == 5
     assert median.rounds == 3
     assert http_bench.median_cell(rounds[:2]).requests == 900  # even count: the lower middle
+
+
+def test_servers_get_the_environment_from_before_the_harness_imported_the_project(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, digits: http_bench.Digits
+) -> None:
+    monkeypatch.setattr(http_bench, "SERVER_ENV", {"PATH": "/usr/bin", "MNIST_WORKERS": "9", "KEEP": "1"})
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # what importing `training` does to this process
+    args = http_bench.parse_args(["--workers", "2"])
+    args.workload_list = http_bench.make_workloads(digits)
+    servers = {s.key: s for s in http_bench.make_servers(args, tmp_path, tmp_path)}
+    assert set(servers) == {"service-batch-on", "service-batch-off", "naive", "litserve"}
+    for server in servers.values():
+        assert server.env["KEEP"] == "1"
+        assert "OMP_WAIT_POLICY" not in server.env
+        assert server.env.get("MNIST_WORKERS", "2") == "2"  # the harness's worker count, not the caller's
+    assert servers["service-batch-off"].env["MNIST_MICROBATCH"] == "false"
+    assert servers["service-batch-on"].env["MNIST_MICROBATCH"] == "true"
+    assert servers["service-batch-off"].workloads == {"json1", "png28", "png280"}
+    assert servers["naive"].command[-4:] == ["--workers", "2", "--port", str(servers["naive"].port)]
