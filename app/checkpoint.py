@@ -228,7 +228,7 @@ def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> MLP:
     # Shapes are checked on a meta-device model (no memory) before a real one is allocated, so a
     # tiny crafted file cannot make us build a huge network from its model_args.
     with torch.device("meta"):
-        expected = MLP(**ckpt.model_args).state_dict()
+        expected = MLP(**ckpt.model_args, init=False).state_dict()
     missing = sorted(set(expected) - set(ckpt.state_dict))
     unexpected = sorted(set(ckpt.state_dict) - set(expected))
     if missing or unexpected:

@@ -15,14 +15,15 @@ class MLP(nn.Module):
     saved ``state_dict`` are derived from them, so renaming a layer breaks old checkpoints.
     """
 
-    def __init__(self, in_features: int = 784, hidden: int = 256, num_classes: int = 10) -> None:
+    def __init__(self, in_features: int = 784, hidden: int = 256, num_classes: int = 10, init: bool = True) -> None:
         super().__init__()
         self.in_features = in_features
         self.hidden = hidden
         self.num_classes = num_classes
         self.lin_1 = nn.Linear(in_features, hidden)
         self.lin_2 = nn.Linear(hidden, num_classes)
-        self.init_param()
+        if init:  # skipped for shape-only models on the meta device, where init would pull in torch._dynamo
+            self.init_param()
 
     def init_param(self) -> None:
         """Kaiming-normal weights (suited to ReLU) and zero biases, as in the recipe."""
