@@ -250,7 +250,7 @@ def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> MLP:
     stored_sha = ckpt.meta.get("weights_sha256")
     if stored_sha is not None and stored_sha != weights_sha256(ckpt.state_dict):
         raise CheckpointError(ckpt.path, "weights do not match the sha256 recorded in the checkpoint (corrupted?)")
-    model = MLP(**ckpt.model_args)
+    model = MLP(**ckpt.model_args)  # type: ignore[arg-type]  # ints, validated in load_checkpoint
     model.load_state_dict({k: v.to(torch.float32) for k, v in ckpt.state_dict.items()}, strict=True)
     return model.to(device).eval()
 

@@ -15,7 +15,7 @@ class MLP(nn.Module):
     saved ``state_dict`` are derived from them, so renaming a layer breaks old checkpoints.
     """
 
-    def __init__(self, in_features: int = 784, hidden: int = 256, num_classes: int = 10, init: bool = True) -> None:
+    def __init__(self, in_features: int = 784, hidden: int = 256, num_classes: int = 10, *, init: bool = True) -> None:
         super().__init__()
         self.in_features = in_features
         self.hidden = hidden
