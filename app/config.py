@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     microbatch_max_wait_ms: float = Field(
         0.0, ge=0, le=1000, description="how long a micro-batch waits for more requests; 0: one event-loop turn"
     )
+    fast_lane: bool = Field(
+        True, description="answer small /predict bodies without the framework's routing layers (docs/performance.md)"
+    )
 
     # Limits
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="largest request body, enforced while reading")

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from typing import Annotated, Any
 
 import anyio
 import numpy as np
+import orjson
 import torch
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.routing import APIRoute
-from starlette.datastructures import UploadFile
+from starlette.datastructures import State, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.types import Receive, Scope, Send
 
 from app.batching import MicroBatcher
 from app.config import Settings
@@ -24,7 +27,7 @@ from app.inference import encode_binary, encode_predictions, predict_proba
 from app.schemas import BatchPrediction, ErrorResponse, InstancesRequest, PixelsRequest, Prediction
 from app.store import ServedModel
 
-__all__ = ["router"]
+__all__ = ["FastPredict", "fast_lane_eligible", "router"]
 
 
 class _PredictRoute(APIRoute):
@@ -217,8 +220,7 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _loop_local(request: Request) -> _LoopLocal:
-    state = request.app.state
+def _loop_local(state: State) -> _LoopLocal:
     local: _LoopLocal | None = getattr(state, "predict_loop_local", None)
     loop = asyncio.get_running_loop()
     if local is None or local.loop is not loop:
@@ -273,7 +275,7 @@ async def predict(
     binary = _wants_binary(request.headers.get("accept"))
     if binary and top_k is not None:
         raise InputError(422, "top_k needs a JSON response; the application/octet-stream one has all 10 probabilities")
-    local = _loop_local(request)
+    local = _loop_local(request.app.state)
     if _small(request):
         payload, count = await _respond(request, media, settings, served, top_k, binary, local)
     else:
@@ -299,6 +301,19 @@ async def _respond(
     if media in MULTIPART_TYPES:
         body = await _multipart_png(request, body, settings)
         media = PNG_TYPES[0]
+    return await _answer(media, body, settings, served, top_k, binary, local)
+
+
+async def _answer(
+    media: str,
+    body: bytes,
+    settings: Settings,
+    served: ServedModel,
+    top_k: int | None,
+    binary: bool,
+    local: _LoopLocal,
+) -> tuple[bytes, int]:
+    """Decode, predict and encode a body that has been read: the same for both lanes."""
     if len(body) > INLINE_LIMIT or (media in PNG_TYPES and png_declared_pixels(body) > INLINE_PIXELS):
         return await anyio.to_thread.run_sync(_run, media, body, settings, served, top_k, binary, limiter=local.compute)
     if local.batcher is None:
@@ -316,3 +331,118 @@ def _kind(media: str) -> str:
         "application/x-npy": "npy",
         "application/npy": "npy",
     }.get(media, media)
+
+
+# --------------------------------------------------------------------------------------------
+# The fast lane: small POST /predict bodies straight from ASGI.
+#
+# A one-digit request spends about a third of its worker time in the framework layers between
+# uvicorn and the endpoint (routing, FastAPI's and Starlette's middlewares, Request and Response
+# objects; docs/performance.md). ``ServiceApp`` in app.main hands the requests this lane can take
+# to ``FastPredict`` before all of that; everything else (a query string such as top_k, multipart,
+# a missing or unknown Content-Type, chunked or big bodies, other paths) takes the usual route.
+# Both lanes share ``_answer``, so decoding, limits, error messages and answers are the same; the
+# request-id, access-log and metrics middlewares wrap this lane too (app.main).
+
+_FAST_TYPES = frozenset((*JSON_TYPES, *PNG_TYPES, *RAW_TYPES, *NPY_TYPES))
+_FAST = "mnist.fast_lane"  # scope key: (media type, Accept) as read by fast_lane_eligible
+
+
+def fast_lane_eligible(scope: Scope) -> bool:
+    """Whether ``FastPredict`` answers this request; notes what it read in the scope if so.
+
+    Only ``POST /predict`` with no query string, a supported non-multipart Content-Type and a
+    declared Content-Length of at most INLINE_LIMIT bytes (and no Transfer-Encoding).
+    """
+    if scope["method"] != "POST" or scope["query_string"]:
+        return False
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    if path != "/predict":
+        return False
+    media = length = None
+    accept = ""
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower().decode("latin-1")
+        elif name == b"content-length":
+            length = value
+        elif name == b"accept":
+            accept = value.decode("latin-1")
+        elif name == b"transfer-encoding":
+            return False
+    if media not in _FAST_TYPES or length is None or not length.isdigit() or int(length) > INLINE_LIMIT:
+        return False
+    scope[_FAST] = (media, int(length), accept)
+    return True
+
+
+class FastPredict:
+    """The ASGI endpoint of the fast lane (see ``fast_lane_eligible``)."""
+
+    def __init__(self, route: APIRoute, log: logging.Logger) -> None:
+        self.route = route  # for the metrics' route label, as the router would set it
+        self.log = log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["route"] = self.route
+        media, length, accept = scope.pop(_FAST)
+        state: State = scope["app"].state
+        settings: Settings = state.settings
+        limit = settings.max_body_bytes
+        try:
+            if length > limit:  # read_body's check and message
+                raise InputError(413, f"request body of {length} bytes is over the limit of {limit} bytes")
+            body = await _receive_small(receive, min(limit, INLINE_LIMIT))
+            if body is None:  # the client went away: nobody to answer
+                return
+            served: ServedModel | None = state.store.current
+            if served is None:
+                raise InputError(503, "no model loaded yet")
+            binary = _wants_binary(accept)
+            payload, count = await _answer(media, body, settings, served, None, binary, _loop_local(state))
+        except InputError as exc:
+            await _send(send, exc.status_code, _error_body(exc.detail), b"application/json", ())
+            return
+        except Exception:
+            request_id = scope.get("state", {}).get("request_id", "-")
+            self.log.exception("unhandled error (request_id=%s)", request_id)
+            await _send(send, 500, _error_body("internal server error"), b"application/json", ())
+            return
+        request_state = scope.setdefault("state", {})
+        request_state["input_kind"] = _kind(media)
+        request_state["predictions"] = count
+        content_type = BINARY.encode() if binary else b"application/json"
+        await _send(send, 200, payload, content_type, ((b"x-model-version", served.version.encode("latin-1")),))
+
+
+async def _receive_small(receive: Receive, limit: int) -> bytes | None:
+    """The whole body (its declared length is within ``limit``); None if the client left."""
+    chunks: list[bytes] = []
+    received = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        received += len(chunk)
+        if received > limit:  # the HTTP server holds the body to Content-Length; belt and braces
+            raise InputError(413, f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _error_body(detail: str) -> bytes:
+    return orjson.dumps({"detail": detail})
+
+
+Header = tuple[bytes, bytes]
+
+
+async def _send(send: Send, status: int, body: bytes, content_type: bytes, extra: tuple[Header, ...]) -> None:
+    headers = [*extra, (b"content-length", str(len(body)).encode()), (b"content-type", content_type)]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
