@@ -160,7 +160,7 @@ def test_servers_get_the_environment_from_before_the_harness_imported_the_projec
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, digits: http_bench.Digits
 ) -> None:
     monkeypatch.setattr(http_bench, "SERVER_ENV", {"PATH": "/usr/bin", "MNIST_WORKERS": "9", "KEEP": "1"})
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # what importing `training` does to this process
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # a trainer's setting in the caller's environment
     args = http_bench.parse_args(["--workers", "2"])
     args.workload_list = http_bench.make_workloads(digits)
     servers = {s.key: s for s in http_bench.make_servers(args, tmp_path, tmp_path)}
