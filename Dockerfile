@@ -8,6 +8,8 @@ ARG PYTHON_VERSION=3.11
 FROM python:${PYTHON_VERSION}-slim-bookworm AS build
 # PyTorch's wheel index beside PyPI: its "+cpu" (or "+cu126") builds rank above PyPI's CUDA ones.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# Extras from pyproject.toml: "train" lets the image train too; --build-arg EXTRAS= serves only.
+ARG EXTRAS=train
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
@@ -15,15 +17,18 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 # Dependencies first, read from pyproject.toml alone: this layer is rebuilt only when it changes.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb')); \
-open('/tmp/requirements.txt', 'w').write('\n'.join(p['build-system']['requires'] + p['project']['dependencies']))" \
+RUN python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb')); \
+extras = [p['project']['optional-dependencies'][e] for e in sys.argv[1].split(',') if e]; \
+open('/tmp/requirements.txt', 'w').write('\n'.join(p['build-system']['requires'] + p['project']['dependencies'] + sum(extras, [])))" \
+    "${EXTRAS}" \
     && pip install --extra-index-url "${TORCH_INDEX}" -r /tmp/requirements.txt
 # Then the project itself, from the same pyproject.toml (dependencies already in place).
 COPY README.md ./
 COPY app/ app/
 COPY training/ training/
 RUN pip install --no-deps --no-build-isolation . \
-    && python -c "import app.main, training.train"
+    && python -c "import app.main" \
+    && case ",${EXTRAS}," in *,train,*) python -c "import training.train" ;; esac
 
 # --- runtime: the environment, the bundled model, a non-root user -------------------------------
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime

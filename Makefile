@@ -25,9 +25,13 @@ $(VENV)/.installed-runtime: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(PIP_ARGS) -e .
 	touch $@
 
+$(VENV)/.installed-train: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet $(PIP_ARGS) -e '.[train]'
+	touch $(VENV)/.installed-runtime $@
+
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(PIP_ARGS) -e '.[dev,bench]'
-	touch $(VENV)/.installed-runtime $@
+	touch $(VENV)/.installed-runtime $(VENV)/.installed-train $@
 
 serve: $(VENV)/.installed-runtime
 	$(BIN)/python -m app
@@ -46,10 +50,10 @@ pytest: $(VENV)/.installed-dev
 test: lint typecheck pytest
 
 DATA_DIR ?= ../shared/data
-train: $(VENV)/.installed-runtime
+train: $(VENV)/.installed-train
 	$(BIN)/python -m training.train --data-dir $(DATA_DIR)
 
-evaluate: $(VENV)/.installed-runtime
+evaluate: $(VENV)/.installed-train
 	$(BIN)/python -m training.evaluate --data-dir $(DATA_DIR)
 
 # BENCH_ARGS=--quick for a ~3 minute sanity run; any bench/http_bench.py option works.

@@ -63,7 +63,9 @@ sys.path.insert(0, str(ROOT))
 
 LUA = ROOT / "bench" / "post.lua"
 RESULTS = ROOT / "bench" / "results"
-PYTHON = sys.executable
+# The servers' interpreter. bench/run.sh points it at .venv-serve: the service's dependencies
+# with a CPU build of torch, as the Docker image installs them (not the dev venv's CUDA build).
+SERVER_PYTHON = os.environ.get("BENCH_SERVER_PYTHON") or sys.executable
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,10 +341,10 @@ class Memory:
         return f"{self.rss:.0f} MB RSS ({self.pss:.0f} PSS, {self.private:.0f} private)"
 
 
-def torch_import_memory() -> Memory:
+def torch_import_memory(python: str) -> Memory:
     """What ``import torch`` alone costs a process here: the floor under any worker's RSS."""
     code = "import torch, sys; sys.stdout.write('ok'); sys.stdout.flush(); sys.stdin.read()"
-    proc = subprocess.Popen([PYTHON, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    proc = subprocess.Popen([python, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         if proc.stdout is None or proc.stdout.read(2) != b"ok":
             raise RuntimeError("a python process importing torch did not start")
@@ -369,7 +371,14 @@ def request(
         conn.close()
 
 
+def torch_build(python: str) -> str:
+    """``torch.__version__`` as the servers' interpreter sees it (``2.13.0+cpu``, ``2.14.1+cu130``)."""
+    code = "import torch; print(torch.__version__)"
+    return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout.strip()
+
+
 def make_servers(args: argparse.Namespace, logs: Path, runtime: Path) -> list[Server]:
+    python = args.server_python
     workers = str(args.workers)
     base = {k: v for k, v in SERVER_ENV.items() if not k.startswith(("MNIST_", "PROMETHEUS_"))}
     base["PYTHONUNBUFFERED"] = "1"
@@ -388,7 +397,7 @@ def make_servers(args: argparse.Namespace, logs: Path, runtime: Path) -> list[Se
             Server(
                 key,
                 f"service, micro-batching {batching}",
-                [PYTHON, "-m", "app"],
+                [python, "-m", "app"],
                 env,
                 "/health/ready",
                 logs / f"{key}.log",
@@ -400,7 +409,7 @@ def make_servers(args: argparse.Namespace, logs: Path, runtime: Path) -> list[Se
         Server(
             "naive",
             "naive FastAPI",
-            [PYTHON, "-m", "uvicorn", "bench.naive_app:app", "--host", "127.0.0.1", "--workers", workers],
+            [python, "-m", "uvicorn", "bench.naive_app:app", "--host", "127.0.0.1", "--workers", workers],
             base,
             "/health/ready",
             logs / "naive.log",
@@ -411,7 +420,7 @@ def make_servers(args: argparse.Namespace, logs: Path, runtime: Path) -> list[Se
         Server(
             "litserve",
             "LitServe",
-            [PYTHON, str(ROOT / "bench" / "litserve_app.py"), "--workers", workers],
+            [python, str(ROOT / "bench" / "litserve_app.py"), "--workers", workers],
             base,
             "/health",
             logs / "litserve.log",
@@ -745,6 +754,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--concurrency", default="1,16,64", help="comma-separated connection counts")
     parser.add_argument("--servers", default="service,naive,litserve", help="any of service, naive, litserve")
+    parser.add_argument(
+        "--server-python",
+        default=SERVER_PYTHON,
+        help="interpreter the servers run under (default: $BENCH_SERVER_PYTHON, else this one)",
+    )
     parser.add_argument("--workloads", default="json1,png28,png280,json1000,u8,u8-bin,npy")
     parser.add_argument("--memory-requests", default="10000,100000", help="RSS samples after these many requests")
     data_dir = Path(os.environ.get("MNIST_DATA_DIR", ROOT.parent / "shared" / "data"))
@@ -777,7 +791,9 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now(UTC)
     load_before = os.getloadavg()
     print(f"{started:%Y-%m-%d %H:%M:%S} UTC, {os.cpu_count()} CPUs, load average {load_before[0]:.2f} (1 min)")
+    build = torch_build(args.server_python)
     print(f"digits: {digits.source}; {args.workers} worker(s) per server; {args.duration:g} s per cell")
+    print(f"servers: {args.server_python} (torch {build})")
     args.out.mkdir(parents=True, exist_ok=True)
     cells: list[Cell] = []
     memory: MemoryReport | None = None
@@ -794,7 +810,7 @@ def main(argv: list[str] | None = None) -> int:
             if on is not None and "json1" in workloads:  # first: the growth is the service's own
                 first, second = args.memory_list
                 memory = memory_run(on, workloads["json1"], bodies["json1"], first, second)
-                memory.torch_alone = torch_import_memory()
+                memory.torch_alone = torch_import_memory(args.server_python)
                 print(f"   memory after {memory.second_requests:,} requests: {'; '.join(map(str, memory.at_second))}")
             for name, workload in workloads.items():
                 print(f"\n== {workload.title}", flush=True)
@@ -806,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(cells, args.workload_list, servers)
     summary = acceptance(cells, servers, memory, args.workers)
     header = (
-        f"{started:%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPUs; {args.workers} worker(s) per server; "
+        f"{started:%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPUs; {args.workers} worker(s) per server; torch {build}; "
         f"wrk -t1, {args.duration:g} s per cell, single-image cells the median of {args.rounds} rounds; "
         f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after"
     )

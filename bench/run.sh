@@ -14,8 +14,25 @@ if ! command -v wrk >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends wrk >/dev/null
 fi
 PYTHON="${PYTHON:-.venv/bin/python}"
-if ! "$PYTHON" -c "import litserve" 2>/dev/null; then
-  echo "bench: LitServe is missing from $PYTHON: install the bench extra (pip install -e '.[dev,bench]' or make test)" >&2
-  exit 2
+
+# The servers run in their own venv, as the Docker image installs them: the service's own
+# dependencies (no training extras) with a CPU build of torch, plus LitServe for the peer. The dev
+# venv's torch may be a CUDA build, whose libraries alone add ~400 MB to every worker's RSS.
+# BENCH_TORCH is the CPU build to install: 2.13.0 is the one this project's offline machine has
+# on disk; where PyTorch's CPU index is reachable, BENCH_TORCH='torch==2.14.1' gets 2.14.1+cpu.
+SERVE_VENV="${SERVE_VENV:-.venv-serve}"
+BENCH_TORCH="${BENCH_TORCH:-torch==2.13.0}"
+TORCH_INDEX="${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+stamp="$SERVE_VENV/.installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "bench: preparing $SERVE_VENV (the service's dependencies, $BENCH_TORCH CPU build, LitServe)" >&2
+  [ -x "$SERVE_VENV/bin/python" ] || "${PYTHON3:-python3}" -m venv "$SERVE_VENV"
+  "$SERVE_VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$SERVE_VENV/bin/python" -m pip install --quiet --retries 1 --timeout 10 --extra-index-url "$TORCH_INDEX" "$BENCH_TORCH"
+  "$SERVE_VENV/bin/python" -m pip install --quiet -e . "litserve>=0.2.10"
+  touch "$stamp"
 fi
-exec "$PYTHON" bench/http_bench.py "$@"
+if ! "$SERVE_VENV/bin/python" -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then
+  echo "bench: warning: $SERVE_VENV has a CUDA build of torch; worker memory includes its CUDA libraries" >&2
+fi
+exec "$PYTHON" bench/http_bench.py --server-python "$SERVE_VENV/bin/python" "$@"

@@ -295,20 +295,28 @@ def test_dockerfile_installs_the_project_from_pyproject(
     assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in steps
     assert '"${TORCH_INDEX}"' in steps[install_deps]
 
-    # The dependency list is read from pyproject.toml itself: run that step's Python on ours.
+    # The dependency list is read from pyproject.toml itself: run that step's Python on ours,
+    # with the default extras (the image trains too) and with none (a serving-only image).
+    assert "ARG EXTRAS=train" in steps
     words = shlex.split(steps[install_deps].removeprefix("RUN "))
     code = words[words.index("-c") + 1]
+    assert words[words.index("-c") + 2] == "${EXTRAS}"
     requirements = tmp_path / "requirements.txt"
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    subprocess.run(
-        [sys.executable, "-c", code.replace("/tmp/requirements.txt", str(requirements))],
-        cwd=tmp_path,
-        check=True,
-        timeout=60,
-    )
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    expected = pyproject["build-system"]["requires"] + pyproject["project"]["dependencies"]
-    assert requirements.read_text().splitlines() == expected
+    serving = pyproject["build-system"]["requires"] + pyproject["project"]["dependencies"]
+    for extras, expected in (
+        ("train", serving + pyproject["project"]["optional-dependencies"]["train"]),
+        ("", serving),
+    ):
+        subprocess.run(
+            [sys.executable, "-c", code.replace("/tmp/requirements.txt", str(requirements)), extras],
+            cwd=tmp_path,
+            check=True,
+            timeout=60,
+        )
+        assert requirements.read_text().splitlines() == expected
+    assert not any(dep.startswith("torchvision") for dep in serving), "the service itself does not need torchvision"
     assert "/opt/venv" in copies[0][1:]
 
 
