@@ -29,6 +29,7 @@ __all__ = [
     "decode_npy",
     "decode_png",
     "decode_uint8",
+    "unit_scale",
     "mnistify",
     "pixels_to_array",
     "png_to_gray",
@@ -154,8 +155,12 @@ def decode_json(body: bytes, max_batch: int) -> tuple[np.ndarray, bool]:
     raise InputError(422, f"send either 'pixels' or 'instances', not both: {_JSON_HINT}")
 
 
-def decode_uint8(body: bytes, max_batch: int) -> np.ndarray:
-    """Raw ``uint8`` pixels, N x 784 bytes (MNIST's own format, 0-255), to float32 ``[N, 784]``."""
+def decode_uint8(body: bytes, max_batch: int, scale: bool = True) -> np.ndarray:
+    """Raw ``uint8`` pixels, N x 784 bytes (MNIST's own format, 0-255), to float32 ``[N, 784]``.
+
+    ``scale=False`` returns the uint8 rows themselves (a view of ``body``), for
+    ``predict_proba`` to scale chunk by chunk with the same arithmetic (``unit_scale``).
+    """
     if not body:
         raise InputError(400, "empty request body: send N x 784 bytes of uint8 pixels (0-255, white digit on black)")
     if len(body) % PIXELS:
@@ -164,18 +169,26 @@ def decode_uint8(body: bytes, max_batch: int) -> np.ndarray:
         )
     n = len(body) // PIXELS
     _check_batch_size(n, max_batch)
-    return _unit_scale(np.frombuffer(body, dtype=np.uint8).reshape(n, PIXELS))
+    pixels = np.frombuffer(body, dtype=np.uint8).reshape(n, PIXELS)
+    return unit_scale(pixels) if scale else pixels
 
 
-def _unit_scale(pixels: np.ndarray) -> np.ndarray:
-    """uint8 0-255 to float32 0-1: ``astype(float32) * (1/255)``, scaled in place (one 4-byte copy, not two)."""
-    out = pixels.astype(np.float32)
-    out *= np.float32(1 / 255)
-    return out
+UINT8_SCALE = np.float32(1 / 255)
 
 
-def decode_npy(body: bytes, max_batch: int) -> np.ndarray:
-    """A ``.npy`` array: uint8 (0-255) or float (0-1), shaped (784,), (28,28), (N,784) or (N,28,28)."""
+def unit_scale(pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 0-255 to float32 0-1: ``float32(p) * float32(1/255)``, in one pass (into ``out`` if given).
+
+    Every path from uint8 pixels to the model uses this, so they all give bit-identical inputs.
+    """
+    return np.multiply(pixels, UINT8_SCALE, out=out, dtype=np.float32)
+
+
+def decode_npy(body: bytes, max_batch: int, scale: bool = True) -> np.ndarray:
+    """A ``.npy`` array: uint8 (0-255) or float (0-1), shaped (784,), (28,28), (N,784) or (N,28,28).
+
+    ``scale=False`` keeps a uint8 array as uint8 rows (see ``decode_uint8``).
+    """
     if not body:
         raise InputError(400, "empty request body: send a .npy file (numpy.save) of shape (N, 784) or (N, 28, 28)")
     stream = io.BytesIO(body)
@@ -212,7 +225,7 @@ def decode_npy(body: bytes, max_batch: int) -> np.ndarray:
         arr = arr.reshape(shape[::-1]).transpose()
     arr = arr.reshape(n, PIXELS)
     if dtype == np.uint8:
-        return _unit_scale(arr)
+        return unit_scale(arr) if scale else arr
     return check_unit_range(arr, "npy")
 
 
@@ -407,7 +420,7 @@ def _uint8_rows(arr: np.ndarray, field: str) -> np.ndarray:
     if lo < 0 or hi > 255:
         raise InputError(422, f"'{field}' is UINT8: its values must be in 0-255; got values from {lo:g} to {hi:g}")
     # The same arithmetic as decode_uint8, so both endpoints give bit-identical inputs.
-    return arr.astype(np.uint8).astype(np.float32) * np.float32(1 / 255)
+    return unit_scale(arr.astype(np.uint8))
 
 
 def tensor_from_bytes(raw: bytes, shape: Any, datatype: str, field: str, max_batch: int) -> np.ndarray:

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from PIL import Image
 
-from app.decode import decode_json, decode_npy, decode_png, decode_uint8, mnistify, png_to_gray
+from app.decode import decode_json, decode_npy, decode_png, decode_uint8, mnistify, png_to_gray, unit_scale
 from app.errors import InputError
 from tests.helpers import png_bytes
 
@@ -351,3 +351,15 @@ def test_png_declared_pixels_reads_only_the_header() -> None:
     assert png_declared_pixels(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)) == 16_000_000
     assert png_declared_pixels(b"GIF89a" + b"\0" * 40) == 0
     assert png_declared_pixels(b"\x89PNG\r\n\x1a\n") == 0
+
+
+def test_unit_scale_is_the_one_uint8_arithmetic() -> None:
+    values = np.arange(256, dtype=np.uint8)
+    reference = values.astype(np.float32) * np.float32(1 / 255)
+    assert np.array_equal(unit_scale(values), reference)
+    assert unit_scale(values).dtype == np.float32
+    body = bytes(range(256)) * 49  # 16 images of 784 bytes
+    raw = decode_uint8(body, 100, scale=False)
+    assert raw.dtype == np.uint8
+    assert raw.shape == (16, 784)
+    assert np.array_equal(unit_scale(raw), decode_uint8(body, 100))

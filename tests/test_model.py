@@ -1,6 +1,9 @@
+import numpy as np
 import pytest
 import torch
 
+from app.decode import unit_scale
+from app.inference import CPU_CHUNK, predict_proba
 from app.model import MLP
 
 
@@ -45,3 +48,12 @@ def test_relu_between_layers() -> None:
         model.lin_2.weight.fill_(1.0)
     # negative hidden activations are clipped: -5 contributes nothing
     assert model(torch.tensor([[-5.0, 2.0]])).item() == pytest.approx(2.0)
+
+
+def test_uint8_rows_predict_exactly_like_their_scaled_floats() -> None:
+    # Big uint8 batches are scaled chunk by chunk inside predict_proba: the same numbers.
+    model = MLP().eval()
+    rng = np.random.default_rng(0)
+    for n in (1, CPU_CHUNK, CPU_CHUNK + 1, 2 * CPU_CHUNK + 17):
+        pixels = rng.integers(0, 256, (n, 784), dtype=np.uint8)
+        assert np.array_equal(predict_proba(model, pixels), predict_proba(model, unit_scale(pixels)))

@@ -234,13 +234,14 @@ def _small(request: Request) -> bool:
     return declared is not None and declared.isdigit() and int(declared) <= INLINE_LIMIT
 
 
-def _decode(media: str, body: bytes, settings: Settings) -> tuple[np.ndarray, bool]:
+def _decode(media: str, body: bytes, settings: Settings, scale: bool = True) -> tuple[np.ndarray, bool]:
+    """Float32 ``[N, 784]`` rows and whether the answer is a batch; ``scale=False`` may give uint8 rows."""
     if media in JSON_TYPES:
         return decode_json(body, settings.max_batch_size)
     if media in RAW_TYPES:
-        return decode_uint8(body, settings.max_batch_size), True
+        return decode_uint8(body, settings.max_batch_size, scale), True
     if media in NPY_TYPES:
-        return decode_npy(body, settings.max_batch_size), True
+        return decode_npy(body, settings.max_batch_size, scale), True
     return decode_png(body, settings.max_image_pixels), False
 
 
@@ -251,7 +252,8 @@ def _encode(probs: np.ndarray, served: ServedModel, batch: bool, top_k: int | No
 def _run(
     media: str, body: bytes, settings: Settings, served: ServedModel, top_k: int | None, binary: bool
 ) -> tuple[bytes, int]:
-    x, batch = _decode(media, body, settings)
+    # uint8 rows stay uint8 here: predict_proba scales them chunk by chunk (bit-identical).
+    x, batch = _decode(media, body, settings, scale=False)
     probs = predict_proba(served.model, x, served.device)
     return _encode(probs, served, batch, top_k, binary), len(x)
 
