@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -159,3 +162,26 @@ def test_bundled_model_meets_the_recipe_target(bundled_checkpoint: Path, mnist_t
     assert accuracy >= 0.98
     assert ckpt.meta["test_accuracy"] == pytest.approx(accuracy)
     assert bundled_checkpoint.stat().st_size < 1_000_000
+
+
+@pytest.mark.parametrize(("module", "missing"), [("training.train", "tqdm"), ("training.data", "torchvision")])
+def test_a_serving_only_install_gets_a_clear_training_error(module: str, missing: str) -> None:
+    # The service's install has no `train` extra; training then says what to install.
+    code = (
+        f"import sys; sys.modules[{missing!r}] = None\n"
+        f"import {module}\n"
+        "from training.data import mnist_dataset\n"
+        "mnist_dataset('.', train=False)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"{missing} is not installed" in last
+    assert "pip install -e '.[train]'" in last
+
+
+def test_training_does_not_leave_its_openmp_policy_to_child_processes() -> None:
+    code = "import os, training, torch; print(os.environ.get('OMP_WAIT_POLICY', 'unset'))"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.stdout.strip() == "unset"

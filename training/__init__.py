@@ -13,6 +13,15 @@ imported before this package, nothing changes.
 import os
 import sys
 
+TRAIN_EXTRA_HINT = "training needs the 'train' extra: pip install -e '.[train]' (make train and make test install it)"
+
+
+def missing_extra(exc: ModuleNotFoundError) -> ModuleNotFoundError:
+    """The error for a training dependency a serving-only install does not have."""
+    package = (exc.name or "a training dependency").partition(".")[0]
+    return ModuleNotFoundError(f"{package} is not installed: {TRAIN_EXTRA_HINT}", name=package)
+
+
 if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "ACTIVE"
     try:

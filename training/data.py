@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from training import missing_extra
+
 __all__ = ["DataUnavailableError", "MnistTensors", "default_data_dir", "load_mnist", "mnist_dataset"]
 
 RAW_FILES = (
@@ -73,7 +75,10 @@ def _writable_root(root: Path) -> Path:
 
 def mnist_dataset(data_dir: Path | str, train: bool, transform: object = None) -> object:
     """The torchvision dataset (downloading when online); used by both training paths."""
-    from torchvision.datasets import MNIST
+    try:
+        from torchvision.datasets import MNIST
+    except ModuleNotFoundError as exc:
+        raise missing_extra(exc) from None
 
     root = _writable_root(Path(data_dir))
     try:

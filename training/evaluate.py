@@ -19,6 +19,7 @@ import torch
 from app.checkpoint import Checkpoint, CheckpointError, load_model, read_pointer, version_path
 from app.config import default_models_dir
 from app.model import MLP
+from training import missing_extra
 from training.data import DataUnavailableError, MnistTensors, default_data_dir, load_mnist
 
 __all__ = ["confusion_matrix", "format_confusion", "main", "plot_report"]
@@ -43,7 +44,10 @@ def format_confusion(cm: torch.Tensor) -> str:
 
 def plot_report(ckpt: Checkpoint, cm: torch.Tensor, accuracy: float, out: Path) -> Path:
     """Loss and accuracy per epoch beside the confusion matrix, as one PNG."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ModuleNotFoundError as exc:
+        raise missing_extra(exc) from None
 
     matplotlib.use("Agg")  # no display on servers and in CI
     import matplotlib.pyplot as plt

@@ -17,7 +17,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from tqdm import tqdm
+
+from training import missing_extra
+
+try:
+    from tqdm import tqdm
+except ModuleNotFoundError as exc:
+    raise missing_extra(exc) from None
 
 from app.checkpoint import CheckpointError, save_checkpoint
 from app.config import default_models_dir, pick_device
