@@ -12,17 +12,18 @@ from app.store import ModelStore, ServedModel
 __all__ = ["ServedDep", "SettingsDep", "StoreDep", "read_body"]
 
 
-def _settings(request: Request) -> Settings:
+# async: a plain `def` dependency costs a threadpool round trip per request.
+async def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def _store(request: Request) -> ModelStore:
+async def _store(request: Request) -> ModelStore:
     store: ModelStore = request.app.state.store
     return store
 
 
-def _served(store: Annotated[ModelStore, Depends(_store)]) -> ServedModel:
+async def _served(store: Annotated[ModelStore, Depends(_store)]) -> ServedModel:
     # Read once: the request keeps this model even if a reload swaps another in meanwhile.
     served = store.current
     if served is None:
