@@ -436,7 +436,7 @@ def tensor_from_bytes(raw: bytes, shape: Any, datatype: str, field: str, max_bat
         )
     arr = np.frombuffer(raw, dtype=dtype).reshape(n, PIXELS)
     if datatype == "UINT8":
-        return arr.astype(np.float32) * np.float32(1 / 255)
+        return unit_scale(arr)
     return check_unit_range(arr, field)
 
 

@@ -20,6 +20,8 @@ from PIL import Image
 
 from app.config import Settings
 from app.main import ServiceApp, create_app
+from app.metrics import PredictionCounter
+from app.middleware import RequestContextMiddleware, StartupErrorMiddleware
 from app.routes import predict
 from tests.helpers import png_bytes
 
@@ -123,6 +125,31 @@ def test_which_requests_take_the_fast_lane() -> None:
     assert not predict.fast_lane_eligible(scope(content_length="12x"))
     assert not predict.fast_lane_eligible(scope(transfer_encoding="chunked"))
     assert not predict.fast_lane_eligible({**scope(), "method": "PUT"})
+    # A repeated header is left to the routed lane, which reads the first one.
+    for name in (b"content-type", b"content-length", b"accept"):
+        doubled = scope(accept="application/json")
+        doubled["headers"] += [(name, next(v for k, v in doubled["headers"] if k == name))]
+        assert not predict.fast_lane_eligible(doubled), name
+
+
+def test_fast_lane_has_every_middleware_of_the_app(models_dir: Path) -> None:
+    # The lane is wrapped by hand (app.main): a middleware added to the app must be added there too.
+    app = create_app(Settings(model_dir=models_dir, reload_interval=0))
+    assert {m.cls for m in app.user_middleware} == {StartupErrorMiddleware, RequestContextMiddleware, PredictionCounter}
+    lane = app.fast_lane
+    wrappers = []
+    while not isinstance(lane, predict.FastPredict):
+        wrappers.append(type(lane))
+        lane = lane.app  # type: ignore[union-attr]
+    # StartupErrorMiddleware only handles the lifespan, which never takes the lane.
+    assert wrappers == [RequestContextMiddleware, PredictionCounter]
+
+
+def test_the_first_of_repeated_headers_counts_in_both_lanes(client: TestClient) -> None:
+    headers = [("content-type", "image/png"), ("content-type", "application/json")]
+    response = client.post("/predict", content=SEVEN_PNG, headers=headers)
+    assert response.status_code == 200
+    assert response.json()["label"] == 7
 
 
 def test_fast_lane_really_skips_the_router(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -189,3 +216,12 @@ def test_fast_lane_can_be_switched_off(models_dir: Path) -> None:
             "/predict", content=orjson.dumps({"pixels": SEVEN}), headers={"content-type": "application/json"}
         )
     assert response.status_code == 200
+
+
+def test_no_model_is_a_503_before_any_body_check(models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings(model_dir=models_dir, reload_interval=0, max_body_bytes=100)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        monkeypatch.setattr(client.app.state.store, "current", None)  # type: ignore[attr-defined]
+        fast, routed = _both(client, "application/json", orjson.dumps({"pixels": SEVEN}))
+    assert fast.status_code == routed.status_code == 503
+    assert fast.json() == routed.json() == {"detail": "no model loaded yet"}

@@ -364,20 +364,25 @@ def fast_lane_eligible(scope: Scope) -> bool:
         path = path[len(root) :]
     if path != "/predict":
         return False
-    media = length = None
-    accept = ""
+    media = length = accept = None
     for name, value in scope["headers"]:
         if name == b"content-type":
+            if media is not None:  # repeated: the routed lane decides which one counts
+                return False
             media = value.split(b";", 1)[0].strip().lower().decode("latin-1")
         elif name == b"content-length":
+            if length is not None:
+                return False
             length = value
         elif name == b"accept":
+            if accept is not None:
+                return False
             accept = value.decode("latin-1")
         elif name == b"transfer-encoding":
             return False
     if media not in _FAST_TYPES or length is None or not length.isdigit() or int(length) > INLINE_LIMIT:
         return False
-    scope[_FAST] = (media, int(length), accept)
+    scope[_FAST] = (media, int(length), accept or "")
     return True
 
 
@@ -395,14 +400,15 @@ class FastPredict:
         settings: Settings = state.settings
         limit = settings.max_body_bytes
         try:
-            if length > limit:  # read_body's check and message
-                raise InputError(413, f"request body of {length} bytes is over the limit of {limit} bytes")
-            body = await _receive_small(receive, min(limit, INLINE_LIMIT))
-            if body is None:  # the client went away: nobody to answer
-                return
+            # The routed lane's checks, in its order: the model, then read_body's limit.
             served: ServedModel | None = state.store.current
             if served is None:
                 raise InputError(503, "no model loaded yet")
+            if length > limit:
+                raise InputError(413, f"request body of {length} bytes is over the limit of {limit} bytes")
+            body = await _receive_small(receive, limit)
+            if body is None:  # the client went away: nobody to answer
+                return
             binary = _wants_binary(accept)
             payload, count = await _answer(media, body, settings, served, None, binary, _loop_local(state))
         except InputError as exc:
@@ -421,7 +427,11 @@ class FastPredict:
 
 
 async def _receive_small(receive: Receive, limit: int) -> bytes | None:
-    """The whole body (its declared length is within ``limit``); None if the client left."""
+    """The whole body, cut off like ``read_body`` past ``limit`` bytes; None if the client left.
+
+    The declared length is within INLINE_LIMIT and the HTTP server holds the body to it, so the
+    check here only matters behind a server that does not.
+    """
     chunks: list[bytes] = []
     received = 0
     while True:
@@ -430,7 +440,7 @@ async def _receive_small(receive: Receive, limit: int) -> bytes | None:
             return None
         chunk = message.get("body", b"")
         received += len(chunk)
-        if received > limit:  # the HTTP server holds the body to Content-Length; belt and braces
+        if received > limit:
             raise InputError(413, f"request body is over the limit of {limit} bytes")
         chunks.append(chunk)
         if not message.get("more_body", False):
