@@ -54,21 +54,25 @@ def train_epoch(
     starts = range(0, n, batch_size)
     if max_batches is not None:
         starts = starts[:max_batches]
-    loss_sum = torch.zeros((), device=data.x.device)
-    correct = torch.zeros((), dtype=torch.int64, device=data.x.device)
-    seen = 0
+    labels = data.y[order]  # the epoch's labels in batch order: each batch's are a view
+    # The epoch's loss and accuracy are worked out once at its end from what each step kept (its
+    # detached loss and logits): no per-step bookkeeping ops, and no .item() syncing a GPU.
+    losses: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
     for start in tqdm(starts, desc=desc, leave=False, disable=not progress, unit="batch", file=sys.stderr):
-        idx = order[start : start + batch_size]
-        xb, yb = data.x[idx], data.y[idx]
+        xb, yb = data.x[order[start : start + batch_size]], labels[start : start + batch_size]
         logits = model(xb)
         loss = F.cross_entropy(logits, yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        # Accumulate on the device: a .item() per batch would sync a GPU 235 times an epoch.
-        loss_sum += loss.detach() * len(yb)
-        correct += (logits.argmax(1) == yb).sum()
-        seen += len(yb)
+        losses.append(loss.detach())
+        outputs.append(logits.detach())
+    predicted = torch.cat(outputs).argmax(1)
+    seen = len(predicted)
+    sizes = torch.tensor([len(o) for o in outputs], dtype=torch.float32, device=predicted.device)
+    loss_sum = torch.dot(torch.stack(losses), sizes)
+    correct = (predicted == labels[:seen]).sum()
     return float(loss_sum) / seen, int(correct) / seen
 
 
