@@ -30,30 +30,26 @@ def predict_proba(model: MLP, x: np.ndarray, device: torch.device | None = None)
     are scaled here chunk by chunk with ``unit_scale``: bit-identical to scaling them first, but
     a 10,000-image batch never exists as 31 MB of floats, only as one 3 MB chunk at a time.
     """
-    if x.dtype == np.uint8:
-        if (device is not None and device.type != "cpu") or len(x) <= CPU_CHUNK:
-            return predict_proba(model, unit_scale(x), device)
-        return _predict_uint8_chunks(model, x)
-    tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     if device is not None and device.type != "cpu":
-        tensor = tensor.to(device, non_blocking=True)
+        tensor = torch.from_numpy(_float_rows(x)).to(device, non_blocking=True)
         return torch.softmax(model(tensor), dim=1).to("cpu").numpy()
-    if len(tensor) <= CPU_CHUNK:
-        return torch.softmax(model(tensor), dim=1).numpy()
-    out = torch.empty((len(tensor), model.num_classes), dtype=torch.float32)
-    for start in range(0, len(tensor), CPU_CHUNK):
-        torch.softmax(model(tensor[start : start + CPU_CHUNK]), dim=1, out=out[start : start + CPU_CHUNK])
+    if len(x) <= CPU_CHUNK:
+        return torch.softmax(model(torch.from_numpy(_float_rows(x))), dim=1).numpy()
+    out = torch.empty((len(x), model.num_classes), dtype=torch.float32)
+    # uint8 chunks are scaled into one reused buffer; float32 chunks are views of x.
+    buffer = np.empty((CPU_CHUNK, x.shape[1]), dtype=np.float32) if x.dtype == np.uint8 else None
+    for start in range(0, len(x), CPU_CHUNK):
+        chunk = x[start : start + CPU_CHUNK]
+        rows = _float_rows(chunk, None if buffer is None else buffer[: len(chunk)])
+        torch.softmax(model(torch.from_numpy(rows)), dim=1, out=out[start : start + len(chunk)])
     return out.numpy()
 
 
-def _predict_uint8_chunks(model: MLP, pixels: np.ndarray) -> np.ndarray:
-    out = torch.empty((len(pixels), model.num_classes), dtype=torch.float32)
-    buffer = np.empty((CPU_CHUNK, pixels.shape[1]), dtype=np.float32)
-    for start in range(0, len(pixels), CPU_CHUNK):
-        chunk = pixels[start : start + CPU_CHUNK]
-        scaled = unit_scale(chunk, out=buffer[: len(chunk)])
-        torch.softmax(model(torch.from_numpy(scaled)), dim=1, out=out[start : start + len(chunk)])
-    return out.numpy()
+def _float_rows(x: np.ndarray, buffer: np.ndarray | None = None) -> np.ndarray:
+    """float32 rows for the model: uint8 scaled with ``unit_scale`` (into ``buffer`` if given)."""
+    if x.dtype == np.uint8:
+        return unit_scale(x, out=buffer)
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def top_k_pairs(row: np.ndarray, k: int) -> list[dict[str, Any]]:

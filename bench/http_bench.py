@@ -155,6 +155,16 @@ def make_workloads(digits: Digits) -> list[Workload]:
     npy = io.BytesIO()
     np.save(npy, bulk.reshape(-1, 784))
     json_batch = orjson.dumps({"instances": [_vector(d) for d in images[:1000]]})
+    u8 = Workload(
+        "u8",
+        f"uint8 batch of {len(bulk):,}",
+        "application/octet-stream",
+        bulk.tobytes(),
+        len(bulk),
+        labels[: len(bulk)],
+        timeout_s=120,
+    )
+    u8_binary = replace(u8, name="u8-bin", title=f"{u8.title}, binary answer", accept="application/octet-stream")
     return [
         Workload(
             "json1",
@@ -177,25 +187,8 @@ def make_workloads(digits: Digits) -> list[Workload]:
             timeout_s=120,
             naive_path="/predict/batch",
         ),
-        Workload(
-            "u8",
-            f"uint8 batch of {len(bulk):,}",
-            "application/octet-stream",
-            bulk.tobytes(),
-            len(bulk),
-            labels[: len(bulk)],
-            timeout_s=120,
-        ),
-        Workload(
-            "u8-bin",
-            f"uint8 batch of {len(bulk):,}, binary answer",
-            "application/octet-stream",
-            bulk.tobytes(),
-            len(bulk),
-            labels[: len(bulk)],
-            accept="application/octet-stream",
-            timeout_s=120,
-        ),
+        u8,
+        u8_binary,
         Workload(
             "npy",
             f".npy batch of {len(bulk):,}",
