@@ -1,3 +1,4 @@
+import gc
 import os
 import subprocess
 import sys
@@ -57,6 +58,25 @@ def test_same_seed_same_weights(small: tuple[MnistTensors, MnistTensors]) -> Non
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.lin_1.weight, c.lin_1.weight)
+
+
+def test_training_leaves_the_garbage_collector_as_it_found_it(small: tuple[MnistTensors, MnistTensors]) -> None:
+    """fit() freezes the GC's view of existing objects while it trains, then unfreezes them."""
+    train, test = small
+    frozen_by_others = gc.get_freeze_count() > 0  # the in-process service tests freeze at startup
+    gc.unfreeze()
+    fit(_slice(train, 512), _slice(test, 256), epochs=1, progress=False, log=lambda _: None)
+    assert gc.get_freeze_count() == 0
+
+    def crash(line: str) -> None:
+        assert gc.get_freeze_count() > 0  # frozen while training
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        fit(_slice(train, 512), _slice(test, 256), epochs=1, progress=False, log=crash)
+    assert gc.get_freeze_count() == 0
+    if frozen_by_others:
+        gc.freeze()
 
 
 @pytest.fixture

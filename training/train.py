@@ -10,6 +10,7 @@ on the same machine gives bit-identical weights.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -60,7 +61,9 @@ def train_epoch(
     losses: list[torch.Tensor] = []
     outputs: list[torch.Tensor] = []
     for start in tqdm(starts, desc=desc, leave=False, disable=not progress, unit="batch", file=sys.stderr):
-        xb, yb = data.x[order[start : start + batch_size]], labels[start : start + batch_size]
+        # index_select copies the rows straight into the batch: ~4x less work than x[idx]'s
+        # general advanced-indexing path for the same result.
+        xb, yb = data.x.index_select(0, order[start : start + batch_size]), labels[start : start + batch_size]
         logits = model(xb)
         loss = F.cross_entropy(logits, yb)
         optimizer.zero_grad(set_to_none=True)
@@ -117,13 +120,25 @@ def fit(
     optimizer = make_optimizer(model, lr)
     generator = torch.Generator().manual_seed(seed)
     history: list[dict[str, float]] = []
-    for epoch in range(1, epochs + 1):
-        loss, train_acc = train_epoch(
-            model, optimizer, train, batch_size, generator, f"epoch {epoch}/{epochs}", progress, max_batches
-        )
-        test_acc = evaluate(model, test)
-        history.append({"epoch": epoch, "loss": loss, "train_accuracy": train_acc, "test_accuracy": test_acc})
-        log(f"epoch {epoch:2d}/{epochs}  loss {loss:.4f}  train_acc {train_acc:.2%}  test_acc {test_acc:.2%}")
+    # Every training step allocates a few Python objects, so the cyclic GC now and then runs a
+    # full collection over everything alive, the ~190,000 objects importing torch leaves included:
+    # 80-150 ms on a 2-core CPU, a quarter of an epoch, for nothing (the loop makes no cycles). Freezing
+    # what exists now keeps it out of those collections; it is unfrozen again when training ends
+    # (a caller that froze the GC itself is left alone).
+    freeze = gc.get_freeze_count() == 0
+    if freeze:
+        gc.freeze()
+    try:
+        for epoch in range(1, epochs + 1):
+            loss, train_acc = train_epoch(
+                model, optimizer, train, batch_size, generator, f"epoch {epoch}/{epochs}", progress, max_batches
+            )
+            test_acc = evaluate(model, test)
+            history.append({"epoch": epoch, "loss": loss, "train_accuracy": train_acc, "test_accuracy": test_acc})
+            log(f"epoch {epoch:2d}/{epochs}  loss {loss:.4f}  train_acc {train_acc:.2%}  test_acc {test_acc:.2%}")
+    finally:
+        if freeze:
+            gc.unfreeze()
     return model, history
 
 
