@@ -15,7 +15,7 @@ from training import evaluate as evaluate_cli
 from training import publish as publish_cli
 from training import train as train_cli
 from training.data import DataUnavailableError, MnistTensors, load_mnist
-from training.train import evaluate, fit
+from training.train import evaluate, fit, fit_epochs
 
 
 def _slice(data: MnistTensors, n: int) -> MnistTensors:
@@ -77,6 +77,16 @@ def test_training_leaves_the_garbage_collector_as_it_found_it(small: tuple[Mnist
     assert gc.get_freeze_count() == 0
     if frozen_by_others:
         gc.freeze()
+
+
+def test_fit_epochs_yields_each_epoch_as_it_ends(small: tuple[MnistTensors, MnistTensors]) -> None:
+    train, test = small
+    steps = fit_epochs(_slice(train, 1024), _slice(test, 256), epochs=3, progress=False)
+    model, first = next(steps)
+    assert first["epoch"] == 1
+    assert set(first) == {"epoch", "loss", "train_accuracy", "test_accuracy"}
+    assert first["test_accuracy"] == evaluate(model, _slice(test, 256))
+    assert [entry["epoch"] for _, entry in steps] == [2, 3]
 
 
 @pytest.fixture
@@ -207,11 +217,12 @@ def test_training_does_not_leave_its_openmp_policy_to_child_processes() -> None:
     assert result.stdout.strip() == "unset"
 
 
-def test_train_bench_runs_both_trainers_and_prints_the_table(mnist_root: Path) -> None:
+@pytest.mark.parametrize("order", [[], ["--sequential"]], ids=["interleaved", "sequential"])
+def test_train_bench_runs_both_trainers_and_prints_the_table(mnist_root: Path, order: list[str]) -> None:
     # One epoch each way on the real data: the script a person runs still works (no timing asserted).
     script = Path(__file__).resolve().parent.parent / "bench" / "train_bench.py"
     result = subprocess.run(
-        [sys.executable, str(script), "--data-dir", str(mnist_root), "--epochs", "1", "--device", "cpu"],
+        [sys.executable, str(script), "--data-dir", str(mnist_root), "--epochs", "1", "--device", "cpu", *order],
         capture_output=True,
         text=True,
         timeout=300,
