@@ -89,6 +89,24 @@ def test_fit_epochs_yields_each_epoch_as_it_ends(small: tuple[MnistTensors, Mnis
     assert [entry["epoch"] for _, entry in steps] == [2, 3]
 
 
+@pytest.mark.parametrize(
+    ("argument", "problem"),
+    [
+        (["--epochs", "0"], "--epochs: must be a finite number above zero, got 0"),
+        (["--batch-size", "-8"], "--batch-size: must be a finite number above zero, got -8"),
+        (["--lr", "inf"], "--lr: must be a finite number above zero, got inf"),
+        (["--limit", "ten"], "--limit: not a number: 'ten'"),
+    ],
+)
+def test_train_cli_refuses_bad_numbers_up_front(
+    argument: list[str], problem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        train_cli.main([*argument, "--dry-run"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(problem)
+
+
 @pytest.fixture
 def low_canary_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A 2-epoch model on 2,048 images reaches ~80 % on the canary digits: lower the gate."""
