@@ -103,9 +103,10 @@ class Timed:
     def step(self) -> None:
         started = time.perf_counter()
         self.model, entry = next(self.epochs)
-        self.seconds += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self.seconds += seconds
         print(
-            f"  {self.label:<10} epoch {entry['epoch']:2d}/{self.total}  loss {entry['loss']:.4f}"
+            f"  {self.label:<10} epoch {entry['epoch']:2d}/{self.total}  {seconds:5.2f} s  loss {entry['loss']:.4f}"
             f"  train_acc {entry['train_accuracy']:.2%}  test_acc {entry['test_accuracy']:.2%}",
             flush=True,
         )
