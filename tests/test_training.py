@@ -212,6 +212,15 @@ def test_bundled_model_meets_the_recipe_target(bundled_checkpoint: Path, mnist_t
     assert bundled_checkpoint.stat().st_size < 1_000_000
 
 
+def test_dataset_checksums_match_the_ones_the_bundled_model_recorded(
+    bundled_checkpoint: Path, mnist_test: MnistTensors, small: tuple[MnistTensors, MnistTensors]
+) -> None:
+    # The digest covers the whole file's images and labels (a --limit slice does not change it).
+    _, ckpt = load_model(bundled_checkpoint)
+    assert small[0].sha256 == ckpt.meta["dataset"]["train_sha256"]
+    assert mnist_test.sha256 == ckpt.meta["dataset"]["test_sha256"]
+
+
 @pytest.mark.parametrize(("module", "missing"), [("training.train", "tqdm"), ("training.data", "torchvision")])
 def test_a_serving_only_install_gets_a_clear_training_error(module: str, missing: str) -> None:
     # The service's install has no `train` extra; training then says what to install.
