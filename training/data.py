@@ -2,8 +2,9 @@
 
 The per-sample ``DataLoader(ToTensor())`` path converts 60,000 PIL images one by one every
 epoch; holding the dataset as one float tensor and gathering shuffled batches from it makes
-the whole recipe ~8x faster on a 2-core CPU and ~16x on a GPU (``bench/train_bench.py``). Pixels are scaled to [0, 1] exactly as
-``ToTensor`` does (``x / 255``), so models trained either way see the same inputs.
+the whole recipe ~8x faster on a 2-core CPU and ~16x on a GPU (``bench/train_bench.py``).
+Pixels are scaled to [0, 1] exactly as ``ToTensor`` does (``x / 255``), so models trained
+either way see the same inputs.
 """
 
 from __future__ import annotations
