@@ -60,23 +60,39 @@ def test_same_seed_same_weights(small: tuple[MnistTensors, MnistTensors]) -> Non
     assert not torch.equal(a.lin_1.weight, c.lin_1.weight)
 
 
-def test_training_leaves_the_garbage_collector_as_it_found_it(small: tuple[MnistTensors, MnistTensors]) -> None:
-    """fit() freezes the GC's view of existing objects while it trains, then unfreezes them."""
+def test_training_freezes_the_garbage_collector_only_while_an_epoch_runs(
+    small: tuple[MnistTensors, MnistTensors], monkeypatch: pytest.MonkeyPatch
+) -> None:
     train, test = small
     frozen_by_others = gc.get_freeze_count() > 0  # the in-process service tests freeze at startup
     gc.unfreeze()
-    fit(_slice(train, 512), _slice(test, 256), epochs=1, progress=False, log=lambda _: None)
-    assert gc.get_freeze_count() == 0
+    try:
+        seen: list[int] = []
+        steps = fit_epochs(_slice(train, 512), _slice(test, 256), epochs=2, progress=False)
+        next(steps)
+        assert gc.get_freeze_count() == 0  # not while the caller has control between epochs
+        steps.close()
 
-    def crash(line: str) -> None:
-        assert gc.get_freeze_count() > 0  # frozen while training
-        raise RuntimeError("stop")
+        def failing_evaluate(model: MLP, data: MnistTensors, batch_size: int = 10_000) -> float:
+            seen.append(gc.get_freeze_count())
+            raise RuntimeError("stop")
 
-    with pytest.raises(RuntimeError, match="stop"):
-        fit(_slice(train, 512), _slice(test, 256), epochs=1, progress=False, log=crash)
-    assert gc.get_freeze_count() == 0
-    if frozen_by_others:
-        gc.freeze()
+        monkeypatch.setattr(train_cli, "evaluate", failing_evaluate)
+        with pytest.raises(RuntimeError, match="stop"):
+            fit(_slice(train, 512), _slice(test, 256), epochs=1, progress=False, log=lambda _: None)
+        assert len(seen) == 1
+        assert seen[0] > 0  # frozen while the epoch ran
+        assert gc.get_freeze_count() == 0  # and unfrozen when it failed
+
+        gc.freeze()  # a caller that froze the GC itself is left alone
+        before = gc.get_freeze_count()
+        monkeypatch.undo()
+        fit(_slice(train, 512), _slice(test, 256), epochs=1, progress=False, log=lambda _: None)
+        assert 0 < gc.get_freeze_count() <= before  # neither unfrozen nor frozen again (frozen objects can die)
+    finally:
+        gc.unfreeze()
+        if frozen_by_others:
+            gc.freeze()
 
 
 def test_fit_epochs_yields_each_epoch_as_it_ends(small: tuple[MnistTensors, MnistTensors]) -> None:
@@ -85,8 +101,16 @@ def test_fit_epochs_yields_each_epoch_as_it_ends(small: tuple[MnistTensors, Mnis
     model, first = next(steps)
     assert first["epoch"] == 1
     assert set(first) == {"epoch", "loss", "train_accuracy", "test_accuracy"}
-    assert first["test_accuracy"] == evaluate(model, _slice(test, 256))
-    assert [entry["epoch"] for _, entry in steps] == [2, 3]
+    rest = list(steps)
+    assert [entry["epoch"] for _, entry in rest] == [2, 3]
+    assert all(trained is model for trained, _ in rest)  # one model, trained on
+    assert rest[-1][1]["loss"] < first["loss"]
+    assert 0.0 < first["test_accuracy"] <= rest[-1][1]["test_accuracy"] <= 1.0
+
+
+def test_fit_refuses_zero_epochs(small: tuple[MnistTensors, MnistTensors]) -> None:
+    with pytest.raises(ValueError, match="epochs must be at least 1, got 0"):
+        fit(*small, epochs=0, log=lambda _: None)
 
 
 @pytest.mark.parametrize(
@@ -95,7 +119,9 @@ def test_fit_epochs_yields_each_epoch_as_it_ends(small: tuple[MnistTensors, Mnis
         (["--epochs", "0"], "--epochs: must be a finite number above zero, got 0"),
         (["--batch-size", "-8"], "--batch-size: must be a finite number above zero, got -8"),
         (["--lr", "inf"], "--lr: must be a finite number above zero, got inf"),
-        (["--limit", "ten"], "--limit: not a number: 'ten'"),
+        (["--limit", "ten"], "--limit: not a whole number: 'ten'"),
+        (["--epochs", "2.5"], "--epochs: not a whole number: '2.5'"),
+        (["--lr", "fast"], "--lr: not a number: 'fast'"),
     ],
 )
 def test_train_cli_refuses_bad_numbers_up_front(
