@@ -23,7 +23,7 @@ open('/tmp/requirements.txt', 'w').write('\n'.join(p['build-system']['requires']
     "${EXTRAS}" \
     && pip install --extra-index-url "${TORCH_INDEX}" -r /tmp/requirements.txt
 # Then the project itself, from the same pyproject.toml (dependencies already in place).
-COPY README.md ./
+COPY README.md LICENSE ./
 COPY app/ app/
 COPY training/ training/
 RUN pip install --no-deps --no-build-isolation . \

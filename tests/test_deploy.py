@@ -393,6 +393,10 @@ def test_dockerfile_copies_files_the_build_context_has(stages: list[Stage]) -> N
                 assert not _dockerignored(source.rstrip("/"), patterns), f"COPY {source}: excluded by .dockerignore"
     for needed in ("models/CURRENT", f"models/{read_pointer(ROOT / 'models')}.pt", "app/data/canary.npz"):
         assert not _dockerignored(needed, patterns), needed
+    # `pip install .` in the build stage reads the files pyproject.toml names: they must be copied.
+    copied = {word for args in stages[0].find("COPY") for word in args.split()[:-1] if not word.startswith("--")}
+    for named in (PROJECT["readme"], *PROJECT.get("license-files", [])):
+        assert named in copied, f"pyproject.toml names {named}: the build stage must COPY it"
 
 
 def _host_env(image: ImageConfig, tmp_path: Path, models_dir: Path) -> dict[str, str]:
