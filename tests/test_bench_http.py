@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.decode import decode_json, decode_npy, decode_png, decode_uint8
+from app.decode import decode_json, decode_npy, decode_uint8
+from app.image import decode_png
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 

@@ -24,7 +24,6 @@ from PIL import Image
 from tritonclient.utils import serialize_byte_tensor
 
 from app.decode import (
-    decode_png,
     decode_uint8,
     images_from_elements,
     load_json_object,
@@ -34,6 +33,7 @@ from app.decode import (
     tensor_from_json,
 )
 from app.errors import InputError
+from app.image import decode_png
 from app.v2_codec import (
     InferRequest,
     OutputRequest,

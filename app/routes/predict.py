@@ -20,9 +20,10 @@ from starlette.types import Receive, Scope, Send
 
 from app.batching import MicroBatcher
 from app.config import Settings
-from app.decode import decode_json, decode_npy, decode_png, decode_uint8, png_declared_pixels
+from app.decode import decode_json, decode_npy, decode_uint8
 from app.deps import read_body
 from app.errors import InputError
+from app.image import decode_png, png_declared_pixels
 from app.inference import encode_binary, encode_predictions, predict_proba
 from app.schemas import BatchPrediction, ErrorResponse, InstancesRequest, PixelsRequest, Prediction
 from app.store import ServedModel
