@@ -9,7 +9,7 @@ import orjson
 import torch
 
 from app.decode import unit_scale
-from app.model import MLP
+from app.registry import MLP
 
 __all__ = ["encode_binary", "encode_predictions", "predict_proba", "top_k_pairs"]
 

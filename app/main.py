@@ -18,11 +18,11 @@ from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import __version__, metrics
-from app.checkpoint import CheckpointError
 from app.config import Settings, get_settings
 from app.errors import InputError
 from app.logs import configure_logging
 from app.middleware import RequestContextMiddleware, StartupErrorMiddleware
+from app.registry import CheckpointError
 from app.routes import admin, health, predict, ui, v2
 from app.store import ModelStore
 

@@ -19,10 +19,17 @@ from typing import Any
 import torch
 
 from app import metrics
-from app.canary import Canary, load_canary, validate_candidate
-from app.checkpoint import CheckpointError, read_pointer, version_path, write_pointer
 from app.config import Settings, pick_device
-from app.model import MLP
+from app.registry import (
+    MLP,
+    Canary,
+    CheckpointError,
+    load_canary,
+    read_pointer,
+    validate_candidate,
+    version_path,
+    write_pointer,
+)
 from app.workers import WorkerRegistry
 
 __all__ = ["ModelStore", "ReloadError", "ServedModel"]

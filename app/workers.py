@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from app.checkpoint import atomic_write
+from app.registry import atomic_write
 
 __all__ = ["WorkerRegistry", "default_runtime_dir", "pid_alive"]
 

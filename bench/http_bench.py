@@ -102,8 +102,8 @@ def load_digits(data_dir: Path, count: int) -> Digits:
 
 
 def _label_fixture(ten: np.ndarray) -> np.ndarray:
-    from app.checkpoint import load_model, read_pointer, version_path
     from app.inference import predict_proba
+    from app.registry import load_model, read_pointer, version_path
 
     version = read_pointer(ROOT / "models")
     assert version, "models/CURRENT is missing"

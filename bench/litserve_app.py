@@ -5,7 +5,7 @@
 ``POST /predict`` takes ``{"pixels": [784 floats]}`` and ``POST /predict/batch`` takes
 ``{"instances": [[784 floats], ...]}``, the bodies the harness sends to every server. Each answers
 with the probabilities and the label. The model is the bundled checkpoint, loaded with
-``app.checkpoint.load_model`` (``MNIST_MODEL_PATH`` overrides it).
+``app.registry.load_model`` (``MNIST_MODEL_PATH`` overrides it).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.checkpoint import load_model, read_pointer, version_path  # noqa: E402
+from app.registry import load_model, read_pointer, version_path  # noqa: E402
 
 
 def checkpoint_path() -> Path:

@@ -18,7 +18,7 @@ import torch
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from app.checkpoint import load_model, read_pointer, version_path
+from app.registry import load_model, read_pointer, version_path
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.checkpoint import load_model, read_pointer, save_checkpoint, version_path, write_pointer  # noqa: E402
+from app.registry import load_model, read_pointer, save_checkpoint, version_path, write_pointer  # noqa: E402
 
 SEVEN_PNG = (ROOT / "tests" / "fixtures" / "seven.png").read_bytes()
 

@@ -16,8 +16,7 @@ import httpx
 import pytest
 import torch
 
-from app.checkpoint import read_pointer, save_checkpoint, version_path, write_pointer
-from app.model import MLP
+from app.registry import MLP, read_pointer, save_checkpoint, version_path, write_pointer
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("MNIST_SHARED_DATA", ROOT.parent / "shared" / "data"))

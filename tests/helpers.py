@@ -9,8 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.checkpoint import atomic_write, load_model, save_checkpoint, write_pointer
-from app.model import MLP
+from app.registry import MLP, atomic_write, load_model, save_checkpoint, write_pointer
 
 
 def png_bytes(image: Image.Image, **params: object) -> bytes:

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.checkpoint import load_model
 from app.inference import predict_proba
+from app.registry import load_model
 from tests.conftest import Server
 from tests.helpers import drawn_like_a_person, mnist_png
 

@@ -18,7 +18,7 @@ from app.batching import MicroBatcher
 from app.config import Settings
 from app.inference import predict_proba
 from app.main import create_app
-from app.model import MLP
+from app.registry import MLP
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SEVEN_PIXELS = orjson.loads((FIXTURES / "seven.json").read_bytes())["pixels"]
@@ -231,7 +231,7 @@ def test_switch_on_and_off_gives_the_same_answers(models_dir: Path, microbatch: 
 
 
 def _bundled_model(models_dir: Path) -> MLP:
-    from app.checkpoint import load_model, read_pointer, version_path
+    from app.registry import load_model, read_pointer, version_path
 
     version = read_pointer(models_dir)
     assert version

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.checkpoint import (
+from app.registry import (
     FORMAT,
+    MLP,
     CheckpointError,
     list_versions,
     load_checkpoint,
@@ -17,7 +18,6 @@ from app.checkpoint import (
     weights_sha256,
     write_pointer,
 )
-from app.model import MLP
 
 
 def _saved(tmp_path: Path, **meta: object) -> tuple[MLP, Path]:
@@ -205,7 +205,7 @@ def test_huge_model_args_are_refused_before_allocating(tmp_path: Path) -> None:
 
 
 def test_version_names_are_checked_whole() -> None:
-    from app.checkpoint import check_version
+    from app.registry import check_version
 
     assert check_version("20261126T143950Z-fef0f007") == "20261126T143950Z-fef0f007"
     for bad in ("abc\n", "../x", "", ".hidden", "a/b", "x" * 200):

@@ -9,10 +9,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app.checkpoint import load_model
 from app.config import Settings
 from app.inference import predict_proba
 from app.main import create_app
+from app.registry import load_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -42,7 +42,7 @@ import pytest
 import yaml
 from starlette.routing import Match
 
-from app.checkpoint import read_pointer, version_path, write_pointer
+from app.registry import read_pointer, version_path, write_pointer
 from tests.conftest import ROOT, constant_model, save_model, start_server
 
 DOCKERFILE = ROOT / "Dockerfile"

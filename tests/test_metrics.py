@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from app import metrics
-from app.checkpoint import load_model, read_pointer, save_checkpoint
 from app.config import Settings
 from app.main import create_app
+from app.registry import load_model, read_pointer, save_checkpoint
 from tests.conftest import Server, constant_model, save_model
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

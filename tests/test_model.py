@@ -4,7 +4,7 @@ import torch
 
 from app.decode import unit_scale
 from app.inference import CPU_CHUNK, predict_proba
-from app.model import MLP
+from app.registry import MLP
 
 
 def test_layers_and_shapes() -> None:

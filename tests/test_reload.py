@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.checkpoint import read_pointer
 from app.config import Settings
 from app.main import create_app
+from app.registry import read_pointer
 from app.store import ModelStore, ReloadError
 from tests.helpers import publish_variant, write_bad_version
 
@@ -89,7 +89,7 @@ def test_failed_explicit_reload_raises_and_keeps_the_pointer(
 ) -> None:
     current = store.serving_version
     write_bad_version(models_dir, bundled_checkpoint, "nan", "v901-nan")
-    from app.checkpoint import write_pointer
+    from app.registry import write_pointer
 
     write_pointer(models_dir, str(current))
     with pytest.raises(ReloadError, match="NaN"):
@@ -160,7 +160,7 @@ def test_admin_reload_errors(admin_client: TestClient, models_dir: Path, bundled
     assert admin_client.post("/admin/reload", json={"versoin": "x"}, headers=_auth()).status_code == 422
 
     write_bad_version(models_dir, bundled_checkpoint, "inaccurate", "v902-bad")
-    from app.checkpoint import write_pointer
+    from app.registry import write_pointer
 
     write_pointer(models_dir, current)
     rejected = admin_client.post("/admin/reload", json={"version": "v902-bad"}, headers=_auth())
@@ -178,14 +178,14 @@ def test_unexpected_load_errors_become_rejections(
     admin_client: TestClient, models_dir: Path, bundled_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Whatever torch raises while loading, the answer is a recorded rejection, never a 500."""
-    import app.canary
+    import app.registry.canary
 
     second = publish_variant(models_dir, bundled_checkpoint, seed=4, publish=False)
 
     def explode(*args: object, **kwargs: object) -> None:
         raise NotImplementedError("sparse tensors are not supported here")
 
-    monkeypatch.setattr(app.canary, "load_model", explode)
+    monkeypatch.setattr(app.registry.canary, "load_model", explode)
     response = admin_client.post("/admin/reload", json={"version": second}, headers=_auth())
     assert response.status_code == 422
     assert "unusable checkpoint (NotImplementedError" in response.json()["detail"]
@@ -197,7 +197,7 @@ def test_publish_runs_the_same_gate_as_the_service(models_dir: Path, bundled_che
 
     current = read_pointer(models_dir)
     write_bad_version(models_dir, bundled_checkpoint, "inaccurate", "v903-untrained")
-    from app.checkpoint import write_pointer
+    from app.registry import write_pointer
 
     write_pointer(models_dir, str(current))
     assert publish_main(["v903-untrained", "--models-dir", str(models_dir)]) == 1

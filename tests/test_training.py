@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.checkpoint import list_versions, load_model, read_pointer
 from app.config import get_settings
-from app.model import MLP
+from app.registry import MLP, list_versions, load_model, read_pointer
 from training import evaluate as evaluate_cli
 from training import publish as publish_cli
 from training import train as train_cli

@@ -22,7 +22,7 @@ import pytest
 from conftest import ROOT, Server, start_server
 from PIL import Image
 
-from app.checkpoint import read_pointer, version_path, write_pointer
+from app.registry import read_pointer, version_path, write_pointer
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="the playwright package is not installed (pip install -e '.[dev]')"

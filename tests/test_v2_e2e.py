@@ -18,7 +18,7 @@ import tritonclient.http as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from app.checkpoint import write_pointer
+from app.registry import write_pointer
 from tests.conftest import ROOT, Server, constant_model, save_model, start_server
 
 pytestmark = [pytest.mark.e2e]

@@ -1,4 +1,4 @@
-"""Training, evaluation and publishing for the MNIST MLP (imports the model from ``app.model``).
+"""Training, evaluation and publishing for the MNIST MLP (through ``app.registry`` only).
 
 Training runs ~235 small parallel regions per epoch (256-row matmuls and their element-wise
 neighbours). With OpenMP's default passive waiting, the second thread goes to sleep between

@@ -16,9 +16,8 @@ from typing import Any
 
 import torch
 
-from app.checkpoint import Checkpoint, CheckpointError, load_model, read_pointer, version_path
 from app.config import default_models_dir
-from app.model import MLP
+from app.registry import MLP, Checkpoint, CheckpointError, load_model, read_pointer, version_path
 from training import missing_extra
 from training.data import DataUnavailableError, MnistTensors, default_data_dir, load_mnist
 

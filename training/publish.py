@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-from app.canary import validate_candidate
-from app.checkpoint import CheckpointError, list_versions, read_pointer, version_path, write_pointer
 from app.config import default_models_dir, get_settings
+from app.registry import CheckpointError, list_versions, read_pointer, validate_candidate, version_path, write_pointer
 
 __all__ = ["main", "publish"]
 

@@ -28,9 +28,8 @@ try:
 except ModuleNotFoundError as exc:
     raise missing_extra(exc) from None
 
-from app.checkpoint import CheckpointError, save_checkpoint
 from app.config import default_models_dir, pick_device
-from app.model import MLP
+from app.registry import MLP, CheckpointError, save_checkpoint
 from training.data import DataUnavailableError, MnistTensors, default_data_dir, load_mnist
 from training.publish import publish
 

@@ -12,8 +12,8 @@ import os
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import ValidationError
 
-from app.checkpoint import version_path
 from app.deps import SettingsDep, StoreDep, read_body
+from app.registry import version_path
 from app.schemas import ErrorResponse, ReloadRequest, ReloadResponse
 from app.store import ReloadError
 

@@ -8,8 +8,8 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from app.checkpoint import list_versions
 from app.deps import ServedDep, StoreDep
+from app.registry import list_versions
 from app.schemas import ModelInfo
 
 __all__ = ["router"]

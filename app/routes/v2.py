@@ -24,11 +24,11 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
-from app.checkpoint import list_versions
 from app.config import Settings
 from app.deps import SettingsDep, StoreDep, read_body
 from app.errors import InputError
 from app.inference import predict_proba
+from app.registry import list_versions
 from app.store import ModelStore, ServedModel
 from app.v2_codec import (
     MODEL_NAME,

@@ -5,9 +5,9 @@ lists, dicts), so it loads with ``torch.load(weights_only=True)`` and never runs
 
     {"format": "mnist-mlp/1", "version": str, "state_dict": {...}, "model_args": {...}, "meta": {...}}
 
-Versions sit side by side in one folder as ``<version>.pt``; a small text file ``CURRENT``
-names the live one. Both are written atomically (temporary file in the same folder, fsync,
-``os.replace``), so a reader sees the old file or the new one, never half of either.
+Files are written atomically (temporary file in the same folder, fsync, ``os.replace``), so a
+reader sees the old file or the new one, never half of either. Where the files sit and which
+one is live is :mod:`app.registry.versions`' business.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import pickle
-import re
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
@@ -27,31 +26,23 @@ from typing import Any
 
 import torch
 
-from app.model import MLP
+from app.registry.model import MLP
 
 __all__ = [
     "FORMAT",
-    "POINTER_NAME",
+    "INPUT_CONVENTION",
     "Checkpoint",
     "CheckpointError",
     "atomic_write",
     "build_model",
-    "list_versions",
     "load_checkpoint",
     "load_model",
     "new_version_id",
-    "read_pointer",
-    "save_checkpoint",
-    "version_path",
     "weights_sha256",
-    "write_pointer",
+    "write_checkpoint",
 ]
 
 FORMAT = "mnist-mlp/1"
-POINTER_NAME = "CURRENT"
-SUFFIX = ".pt"
-# Versions become file names and appear in URLs: keep them to a safe alphabet.
-_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always used with fullmatch
 # A crafted file must not make us allocate a huge model before the shape checks reject it.
 _ARG_LIMITS = {"in_features": 1 << 16, "hidden": 1 << 16, "num_classes": 1 << 12}
 
@@ -98,16 +89,6 @@ def new_version_id(sha256: str, now: datetime | None = None) -> str:
     return f"{now:%Y%m%dT%H%M%SZ}-{sha256[:8]}"
 
 
-def check_version(version: str) -> str:
-    if not _VERSION_RE.fullmatch(version):
-        raise ValueError(f"invalid model version {version!r}: use letters, digits, '.', '_' and '-' only")
-    return version
-
-
-def version_path(models_dir: Path, version: str) -> Path:
-    return Path(models_dir) / f"{check_version(version)}{SUFFIX}"
-
-
 def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     """Write through ``write(fileobj)`` into a temp file beside ``path``, then rename over it."""
     path = Path(path)
@@ -140,17 +121,11 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(
-    models_dir: Path,
-    model: MLP,
-    meta: Mapping[str, Any],
-    version: str | None = None,
-) -> Path:
-    """Write ``model`` as a new version in ``models_dir``; never overwrites an existing version."""
+def write_checkpoint(path: Path, model: MLP, meta: Mapping[str, Any]) -> Path:
+    """Write ``model`` to ``path`` (its stem is the version); never overwrites an existing file."""
+    path = Path(path)
     state_dict = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
     sha = weights_sha256(state_dict)
-    version = check_version(version or new_version_id(sha))
-    path = version_path(models_dir, version)
     if path.exists():
         raise FileExistsError(f"{path} already exists; versions are never overwritten")
     full_meta = {"input": INPUT_CONVENTION, **dict(meta), "weights_sha256": sha}
@@ -158,7 +133,7 @@ def save_checkpoint(
     full_meta.setdefault("torch_version", str(torch.__version__))
     payload = {
         "format": FORMAT,
-        "version": version,
+        "version": path.stem,
         "state_dict": state_dict,
         "model_args": model.model_args(),
         "meta": full_meta,
@@ -259,29 +234,3 @@ def load_model(path: Path | str, device: str | torch.device = "cpu") -> tuple[ML
     """Load, validate and rebuild: the model is returned on ``device`` in eval mode."""
     ckpt = load_checkpoint(path)
     return build_model(ckpt, device), ckpt
-
-
-def read_pointer(models_dir: Path) -> str | None:
-    """The version named by ``CURRENT``, or None when there is no pointer."""
-    pointer = Path(models_dir) / POINTER_NAME
-    try:
-        text = pointer.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        return None
-    return check_version(text) if text else None
-
-
-def write_pointer(models_dir: Path, version: str) -> None:
-    """Atomically point ``CURRENT`` at ``version`` (which must exist)."""
-    path = version_path(models_dir, version)
-    if not path.is_file():
-        raise FileNotFoundError(f"cannot publish {version}: {path} does not exist")
-    atomic_write(Path(models_dir) / POINTER_NAME, lambda fh: fh.write(f"{version}\n".encode()))
-
-
-def list_versions(models_dir: Path) -> list[str]:
-    """Stored versions, oldest first (version ids sort by creation time)."""
-    directory = Path(models_dir)
-    if not directory.is_dir():
-        return []
-    return sorted(p.stem for p in directory.glob(f"*{SUFFIX}") if _VERSION_RE.fullmatch(p.stem))
