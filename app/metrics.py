@@ -5,8 +5,13 @@ multiprocess mode has each process write its values into mmap'ed files in one fo
 ``/metrics`` adds up every file there, so each scrape reports all workers (those that exited
 too: their counters stay in the sums, as counters should). The folder is
 ``PROMETHEUS_MULTIPROC_DIR`` when set, else ``<runtime dir>/prometheus`` (``app.workers``): the
-workers of one server share it and no other server does. prometheus-client picks its mode when
-it is imported, which is why this module settles the folder before importing it.
+workers of one server share it and no other server does.
+
+Nothing happens at import. :func:`share_folder` settles the folder; the launcher calls it before
+it starts the workers, which inherit it. :func:`setup` (the app's lifespan, in each worker) does
+the same, then creates the metrics. prometheus-client chooses between in-memory and file-backed
+values once, when it is first imported, from ``PROMETHEUS_MULTIPROC_DIR``: that is why this module
+imports it only in :func:`setup`, after the folder is settled. Both calls are idempotent.
 
 Metrics (names as exposed):
 
@@ -28,16 +33,45 @@ import atexit
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
+from fastapi import APIRouter
+from fastapi.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 from app.workers import default_runtime_dir, pid_alive
+
+__all__ = [
+    "PredictionCounter",
+    "model_swapped",
+    "model_unloaded",
+    "observe_batch",
+    "observe_request",
+    "reload_failed",
+    "render",
+    "router",
+    "setup",
+    "share_folder",
+]
 
 logger = logging.getLogger("app.metrics")
 
 # Set beside PROMETHEUS_MULTIPROC_DIR when we derived it, so a child process (a server started
 # by a test run, say) derives its own folder instead of sharing its parent's numbers.
 _DERIVED_MARK = "MNIST_PROMETHEUS_DIR_DERIVED"
+
+# From 0.5 ms (a single-digit JSON request) to 10 s (a batch at the body limit on a slow core).
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+# Anything else is folded into OTHER so a client cannot grow the label set at will.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+_lock = threading.RLock()
+_UNSET = object()
+_folder: Any = _UNSET  # Path | None once share_folder() has run in this process
+_metrics: _Metrics | None = None
 
 
 def _clear_live_gauges(directory: Path, stale_only: bool) -> None:
@@ -55,10 +89,13 @@ def _clear_live_gauges(directory: Path, stale_only: bool) -> None:
             path.unlink(missing_ok=True)
 
 
-def _setup_multiprocess_dir() -> Path | None:
+def _settle_folder(runtime_dir: Path | None) -> Path | None:
     explicit = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     derived = not explicit or explicit == os.environ.get(_DERIVED_MARK)
-    directory = default_runtime_dir() / "prometheus" if derived else Path(str(explicit))
+    if derived:
+        directory = (runtime_dir or default_runtime_dir()) / "prometheus"
+    else:
+        directory = Path(str(explicit))
     try:
         directory.mkdir(parents=True, exist_ok=True)
         _clear_live_gauges(directory, stale_only=True)
@@ -72,115 +109,144 @@ def _setup_multiprocess_dir() -> Path | None:
     return directory
 
 
-_imported_early = "prometheus_client" in sys.modules
-_directory = _setup_multiprocess_dir()
+def share_folder(runtime_dir: Path | None = None) -> Path | None:
+    """The folder where every worker of this server writes its values, ready for use.
 
-from fastapi import APIRouter  # noqa: E402
-from fastapi.responses import Response  # noqa: E402
-from prometheus_client import (  # noqa: E402
-    CONTENT_TYPE_LATEST,
-    REGISTRY,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-    values,
-)
-from prometheus_client.multiprocess import MultiProcessCollector  # noqa: E402
-from starlette.types import ASGIApp, Receive, Scope, Send  # noqa: E402
+    Created, cleared of the live gauges of dead workers, and exported as
+    ``PROMETHEUS_MULTIPROC_DIR`` so that workers started after this call inherit it. ``None``
+    when it cannot be used (each worker then reports only itself). The first call in a process
+    settles it: later calls return the same folder whatever ``runtime_dir`` they pass.
+    """
+    global _folder
+    with _lock:
+        if _folder is _UNSET:
+            _folder = _settle_folder(runtime_dir)
+        folder: Path | None = _folder
+        return folder
 
-__all__ = [
-    "BATCH_SIZE",
-    "MODEL_INFO",
-    "MULTIPROC_DIR",
-    "PREDICTIONS",
-    "RELOADS",
-    "REQUESTS",
-    "REQUEST_SECONDS",
-    "PredictionCounter",
-    "model_swapped",
-    "model_unloaded",
-    "observe_batch",
-    "observe_request",
-    "reload_failed",
-    "render",
-    "router",
-]
 
-# Only when prometheus-client really runs in multiprocess mode: imported before us (in a test
-# process, say), it keeps its in-memory values and /metrics reports this process alone.
-MULTIPROC_DIR: Path | None = _directory if getattr(values.ValueClass, "_multiprocess", False) else None
-if _directory is not None and MULTIPROC_DIR is None and _imported_early:
-    logger.warning("prometheus_client was imported before app.metrics: /metrics covers this process only")
+def setup(runtime_dir: Path | None = None) -> Path | None:
+    """Settle the folder (:func:`share_folder`) and create this process's metrics; idempotent.
 
-# From 0.5 ms (a single-digit JSON request) to 10 s (a batch at the body limit on a slow core).
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
-# Anything else is folded into OTHER so a client cannot grow the label set at will.
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+    Returns the folder that ``/metrics`` reads, or ``None`` when it reports this process alone.
+    A metric recorded before any call sets up with the defaults.
+    """
+    return _get(runtime_dir).directory
 
-REQUESTS = Counter(
-    "mnist_http_requests", "HTTP requests answered, by method, route template and status", ["method", "route", "status"]
-)
-REQUEST_SECONDS = Histogram(
-    "mnist_http_request_duration_seconds",
-    "Time from the request to the end of the response, by method, route template and status",
-    ["method", "route", "status"],
-    buckets=_LATENCY_BUCKETS,
-)
-PREDICTIONS = Counter("mnist_predictions", "Images classified, by input kind (json, png, uint8, npy)", ["input_kind"])
-MODEL_INFO = Gauge(
-    "mnist_model_info",
-    "Model versions served: 1 while a live worker serves the version, 0 once none does (the info metric)",
-    ["version"],
-    multiprocess_mode="livemax",
-)
-RELOADS = Counter(
-    "mnist_model_reloads",
-    "Model reloads: success swapped a new version in, failure rejected one and kept the old",
-    ["result"],
-)
-BATCH_SIZE = Histogram(
-    "mnist_inference_batch_size",
-    "Images per model forward pass (observed by the micro-batcher)",
-    buckets=_BATCH_BUCKETS,
-)
 
-# Labelled children by (method, route, status): .labels() costs more than the increment itself.
-_request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-_prediction_children: dict[str, Any] = {}
+def _get(runtime_dir: Path | None = None) -> _Metrics:
+    global _metrics
+    metrics = _metrics
+    if metrics is not None:
+        return metrics
+    with _lock:
+        if _metrics is None:
+            imported_early = "prometheus_client" in sys.modules
+            folder = share_folder(runtime_dir)
+            _metrics = _Metrics(folder)
+            if folder is not None and _metrics.directory is None and imported_early:
+                logger.warning("prometheus_client was imported before metrics.setup(): /metrics covers this process only")
+            atexit.register(_process_exit)
+        return _metrics
+
+
+class _Metrics:
+    """The metric objects of this process, in a registry of their own."""
+
+    def __init__(self, folder: Path | None) -> None:
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, values
+
+        # Only when prometheus-client really runs in multiprocess mode: imported before the folder
+        # was settled, it keeps its in-memory values and /metrics reports this process alone.
+        self.directory = folder if getattr(values.ValueClass, "_multiprocess", False) else None
+        self.content_type = CONTENT_TYPE_LATEST
+        self.registry = CollectorRegistry()
+        labels = ["method", "route", "status"]
+        self.requests = Counter(
+            "mnist_http_requests",
+            "HTTP requests answered, by method, route template and status",
+            labels,
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "mnist_http_request_duration_seconds",
+            "Time from the request to the end of the response, by method, route template and status",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.predictions = Counter(
+            "mnist_predictions",
+            "Images classified, by input kind (json, png, uint8, npy)",
+            ["input_kind"],
+            registry=self.registry,
+        )
+        self.model_info = Gauge(
+            "mnist_model_info",
+            "Model versions served: 1 while a live worker serves the version, 0 once none does (the info metric)",
+            ["version"],
+            multiprocess_mode="livemax",
+            registry=self.registry,
+        )
+        self.reloads = Counter(
+            "mnist_model_reloads",
+            "Model reloads: success swapped a new version in, failure rejected one and kept the old",
+            ["result"],
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "mnist_inference_batch_size",
+            "Images per model forward pass (observed by the micro-batcher)",
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        # Labelled children by (method, route, status): .labels() costs more than the increment itself.
+        self.request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self.prediction_children: dict[str, Any] = {}
+
+    def render(self) -> bytes:
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        if self.directory is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(self.directory))
+        return generate_latest(registry)
 
 
 def observe_request(method: str, route: str, status: int, seconds: float) -> None:
     """The ``observe`` callback of ``RequestContextMiddleware``: one request answered."""
+    metrics = _metrics or _get()
     if method not in _METHODS:
         method = "OTHER"
     key = (method, route, status)
-    children = _request_children.get(key)
+    children = metrics.request_children.get(key)
     if children is None:
         labels = (method, route, str(status))
-        children = _request_children[key] = (REQUESTS.labels(*labels), REQUEST_SECONDS.labels(*labels))
+        children = (metrics.requests.labels(*labels), metrics.request_seconds.labels(*labels))
+        metrics.request_children[key] = children
     children[0].inc()
     children[1].observe(seconds)
 
 
 def observe_batch(size: int) -> None:
-    """One forward pass over ``size`` images (for the micro-batcher)."""
-    BATCH_SIZE.observe(size)
+    """One forward pass over ``size`` images (the micro-batcher's ``observe`` hook)."""
+    (_metrics or _get()).batch_size.observe(size)
 
 
 def model_swapped(previous: str | None, version: str) -> None:
     """The worker now serves ``version`` instead of ``previous`` (``None`` at startup)."""
+    metrics = _metrics or _get()
     if previous is not None:
-        RELOADS.labels("success").inc()
+        metrics.reloads.labels("success").inc()
         if previous != version:
-            MODEL_INFO.labels(previous).set(0)
-    MODEL_INFO.labels(version).set(1)
+            metrics.model_info.labels(previous).set(0)
+    metrics.model_info.labels(version).set(1)
 
 
 def reload_failed() -> None:
-    RELOADS.labels("failure").inc()
+    (_metrics or _get()).reloads.labels("failure").inc()
 
 
 def model_unloaded(version: str | None) -> None:
@@ -191,7 +257,15 @@ def model_unloaded(version: str | None) -> None:
     when the next worker starts, see ``_clear_live_gauges``).
     """
     if version is not None:
-        MODEL_INFO.labels(version).set(0)
+        (_metrics or _get()).model_info.labels(version).set(0)
+
+
+def _count_predictions(kind: str, count: int) -> None:
+    metrics = _metrics or _get()
+    child = metrics.prediction_children.get(kind)
+    if child is None:
+        child = metrics.prediction_children[kind] = metrics.predictions.labels(kind)
+    child.inc(count)
 
 
 class PredictionCounter:
@@ -214,28 +288,19 @@ class PredictionCounter:
             state = scope.get("state") or {}
             kind = state.get("input_kind")
             if kind is not None:
-                child = _prediction_children.get(kind)
-                if child is None:
-                    child = _prediction_children[kind] = PREDICTIONS.labels(kind)
-                child.inc(state.get("predictions", 0))
+                _count_predictions(kind, state.get("predictions", 0))
 
 
 def render() -> bytes:
     """The exposition text: every worker's values in multiprocess mode, else this process's."""
-    if MULTIPROC_DIR is None:
-        return generate_latest(REGISTRY)
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(MULTIPROC_DIR))
-    return generate_latest(registry)
+    return _get().render()
 
 
 def _process_exit() -> None:
     # multiprocess.mark_process_dead(pid) for this process, when it exits normally.
-    if MULTIPROC_DIR is not None:
-        _clear_live_gauges(MULTIPROC_DIR, stale_only=False)
+    if _metrics is not None and _metrics.directory is not None:
+        _clear_live_gauges(_metrics.directory, stale_only=False)
 
-
-atexit.register(_process_exit)
 
 router = APIRouter(tags=["metrics"])
 
@@ -248,4 +313,5 @@ router = APIRouter(tags=["metrics"])
 )
 def metrics() -> Response:
     # A plain def: reading the workers' files is blocking I/O, so it runs in the threadpool.
-    return Response(render(), media_type=CONTENT_TYPE_LATEST)
+    state = _get()
+    return Response(state.render(), media_type=state.content_type)
