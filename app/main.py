@@ -64,6 +64,7 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        metrics.setup()  # before the store: loading the model records mnist_model_info
         if settings.torch_threads:
             # One intra-op thread per worker: workers, not threads, use the cores for small batches.
             torch.set_num_threads(settings.torch_threads)
