@@ -1,11 +1,16 @@
 # syntax=docker/dockerfile:1
 # The MNIST digit service. CPU-only PyTorch by default; for CUDA:
 #   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 -t mnist-serve:cuda .
+# Serving only (no torchvision/matplotlib/tqdm): --build-arg EXTRAS=
 # The same image trains: python -m training.train --data-dir /data --models-dir /app/models
-ARG PYTHON_VERSION=3.11
 
-# --- build: a virtual environment holding the dependencies, then the project -------------------
-FROM python:${PYTHON_VERSION}-slim-bookworm AS build
+# The base, pinned by digest with its tag beside it: a rebuild gets exactly these bytes until the
+# pin is moved on purpose (docker buildx imagetools inspect python:3.11-slim-bookworm). Builders
+# without registry access pass a local image: --build-arg BASE_IMAGE=python:3.11-slim-bookworm
+ARG BASE_IMAGE=python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b
+
+# --- deps: a virtual environment holding the dependencies alone ---------------------------------
+FROM ${BASE_IMAGE} AS deps
 # PyTorch's wheel index beside PyPI: its "+cpu" (or "+cu126") builds rank above PyPI's CUDA ones.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # Extras from pyproject.toml: "train" lets the image train too; --build-arg EXTRAS= serves only.
@@ -15,26 +20,33 @@ ENV PIP_NO_CACHE_DIR=1 \
     PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 WORKDIR /src
-# Dependencies first, read from pyproject.toml alone: this layer is rebuilt only when it changes.
+# Read from pyproject.toml alone: this slow layer (and the runtime's copy of it) is rebuilt only
+# when pyproject.toml or a build argument changes, never for a code change.
 COPY pyproject.toml ./
 RUN python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb')); \
 extras = [p['project']['optional-dependencies'][e] for e in sys.argv[1].split(',') if e]; \
-open('/tmp/requirements.txt', 'w').write('\n'.join(p['build-system']['requires'] + p['project']['dependencies'] + sum(extras, [])))" \
+open('/tmp/requirements.txt', 'w').write('\n'.join(p['project']['dependencies'] + sum(extras, [])))" \
     "${EXTRAS}" \
-    && pip install --extra-index-url "${TORCH_INDEX}" -r /tmp/requirements.txt
-# Then the project itself, from the same pyproject.toml (dependencies already in place).
+    && pip install --extra-index-url "${TORCH_INDEX}" -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+
+# --- build: the project as a wheel (its build backend lives only in pip's isolated build env) ----
+FROM deps AS build
 COPY README.md LICENSE ./
 COPY app/ app/
 COPY training/ training/
-RUN pip install --no-deps --no-build-isolation . \
-    && python -c "import app.main" \
-    && case ",${EXTRAS}," in *,train,*) python -c "import training.train" ;; esac
+RUN pip wheel --no-deps --wheel-dir /wheels .
 
-# --- runtime: the environment, the bundled model, a non-root user -------------------------------
-FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
+# --- runtime: the environment, the project, the bundled model, a non-root user -------------------
+FROM ${BASE_IMAGE} AS runtime
+ARG EXTRAS=train
+# XDG_CACHE_HOME and MPLCONFIGDIR: the root filesystem is read-only in production and the home
+# folder is not writable, so caches (the trainer's copy of a read-only MNIST mount) go to /tmp.
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \
+    XDG_CACHE_HOME=/tmp/.cache \
+    MPLCONFIGDIR=/tmp/.cache/matplotlib \
     MNIST_HOST=0.0.0.0 \
     MNIST_PORT=8000 \
     MNIST_WORKERS=2 \
@@ -47,10 +59,19 @@ ENV PYTHONUNBUFFERED=1 \
 RUN groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --home-dir /app --no-create-home --shell /usr/sbin/nologin app \
     && install -d -o app -g app /app/models /data
-COPY --from=build /opt/venv /opt/venv
+COPY --from=deps /opt/venv /opt/venv
+# The project from its wheel (mounted, so the wheel never lands in a layer); then pip and
+# setuptools leave: nothing in the running image can install or build packages.
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 pip install --no-deps --no-index /wheels/*.whl \
+    && python -m pip uninstall --yes --quiet pip setuptools \
+    && python -c "import app.main" \
+    && case ",${EXTRAS}," in *,train,*) python -c "import training.train" ;; esac
 WORKDIR /app
-# The bundled model. A named volume mounted here starts as a copy of it (owned by app), and the
-# trainer publishes new versions into that volume for the service's pointer watch to pick up.
+# The bundled model. A named volume mounted here starts as a copy of it (Docker and Podman copy an
+# image folder into an empty named volume, ownership included), and the trainer publishes new
+# versions into that volume for the service's pointer watch to pick up. Kubernetes has no such
+# copy: deploy/k8s/deployment.yaml seeds an empty volume with an init container instead.
 COPY --chown=app:app models/ /app/models/
 VOLUME ["/app/models"]
 USER 10001:10001

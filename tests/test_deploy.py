@@ -1,10 +1,12 @@
 """The deployment files: Dockerfile, compose.yaml and the Kubernetes manifests in deploy/k8s.
 
-There is no Docker engine or cluster here, so each file is checked for what can be checked
-without one: the Dockerfile passes hadolint, and its final stage's ``ENV``, ``CMD`` and
-``HEALTHCHECK`` (parsed from the file) start the service and pass against it; the manifests
-validate against the Kubernetes schemas that kubernetes-validate ships, and their probes, ports
-and paths are the ones the app and the image really have.
+What needs no container engine or cluster is checked here: the Dockerfile (read with
+dockerfile-parse) passes hadolint, is a multi-stage build from a digest-pinned base with no
+pip cache and no build step in its runtime stage, and its final stage's ``ENV``, ``CMD`` and
+``HEALTHCHECK`` start the service and pass against it; the manifests validate against the
+Kubernetes schemas that kubernetes-validate ships, are hardened, and their probes, ports and
+paths are the ones the app and the image really have. tests/container/ builds the image and
+runs it for real (docs/deploy.md).
 
 Running the image's command here maps container paths onto this checkout (see ``_host_env``):
 
@@ -15,6 +17,7 @@ image                  here                          why
 ``PATH``               unchanged                     /opt/venv/bin does not exist here
 ``MNIST_MODEL_DIR``    a tmp copy of ``models/``     the image bundles ``models/`` at /app/models
 ``MNIST_DATA_DIR``     a tmp folder                  only the trainer reads it
+``XDG_CACHE_HOME``...  tmp folders                   caches, under the image's tmpfs /tmp
 ``MNIST_HOST``         127.0.0.1                     the image listens on all interfaces
 ``MNIST_PORT``         a free port                   8000 may be taken on a shared machine
 =====================  ============================  =========================================
@@ -40,6 +43,7 @@ import httpx
 import kubernetes_validate
 import pytest
 import yaml
+from dockerfile_parse import DockerfileParser
 from starlette.routing import Match
 
 from app.registry import read_pointer, version_path, write_pointer
@@ -51,19 +55,20 @@ COMPOSE = ROOT / "compose.yaml"
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # The oldest Kubernetes minor still commonly run, and the newest the validator knows.
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
+PINNED = re.compile(r"^(?P<tag>[\w./-]+:[\w.-]+)@sha256:[0-9a-f]{64}$")
 
 
-# --- a small Dockerfile reader ---------------------------------------------------------------------
+# --- the Dockerfile, read with dockerfile-parse ----------------------------------------------------
 
 
 @dataclass
 class Stage:
     name: str | None
-    base: str
-    instructions: list[tuple[str, str]] = field(default_factory=list)  # (KEYWORD, arguments)
+    base: str  # as written (an earlier stage's name, or ${BASE_IMAGE})
+    instructions: list[tuple[str, str]] = field(default_factory=list)  # (INSTRUCTION, value)
 
     def find(self, keyword: str) -> list[str]:
-        return [args for kw, args in self.instructions if kw == keyword]
+        return [value for instruction, value in self.instructions if instruction == keyword]
 
 
 @dataclass
@@ -74,131 +79,57 @@ class Healthcheck:
 
 @dataclass
 class ImageConfig:
-    """What a stage leaves in the image config, inherited through ``FROM <earlier stage>``."""
+    """What the final stage leaves in the image config."""
 
-    env: dict[str, str] = field(default_factory=dict)
-    cmd: list[str] | None = None
-    healthcheck: Healthcheck | None = None
-    user: str | None = None
-    expose: list[str] = field(default_factory=list)
-    volumes: list[str] = field(default_factory=list)
-
-
-def _logical_lines(text: str) -> list[str]:
-    """Join ``\\`` continuations; drop comments (also those inside a continuation) and blank lines."""
-    lines: list[str] = []
-    pending = ""
-    for raw in text.splitlines():
-        stripped = raw.strip()
-        if stripped.startswith("#") or (not stripped and not pending):
-            continue
-        if raw.rstrip().endswith("\\"):
-            pending += raw.rstrip()[:-1]
-            continue
-        lines.append((pending + raw).strip())
-        pending = ""
-    assert not pending, "the Dockerfile ends inside a line continuation"
-    return lines
+    env: dict[str, str]
+    cmd: list[str] | None
+    healthcheck: Healthcheck | None
+    user: str | None
+    expose: list[str]
+    volumes: list[str]
 
 
-_VAR = re.compile(
-    r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::(?P<op>[-+])(?P<word>[^}]*))?\}|(?P<bare>[A-Za-z_]\w*))"
-)
-
-
-def _expand(value: str, scope: dict[str, str]) -> str:
-    """Docker's ``$VAR``, ``${VAR}``, ``${VAR:-word}`` and ``${VAR:+word}``; unknown names are empty."""
-
-    def replace(match: re.Match[str]) -> str:
-        name = match.group("braced") or match.group("bare")
-        current = scope.get(name, "")
-        if match.group("op") == "-":
-            return current or match.group("word")
-        if match.group("op") == "+":
-            return match.group("word") if current else ""
-        return current
-
-    return _VAR.sub(replace, value)
-
-
-def _command(args: str) -> list[str]:
-    """Exec form (a JSON array) as is; shell form the way Docker runs it."""
-    if args.lstrip().startswith("["):
-        parsed = json.loads(args)
-        assert isinstance(parsed, list), args
-        assert all(isinstance(a, str) for a in parsed), args
-        return parsed
-    return ["/bin/sh", "-c", args]
-
-
-def parse_dockerfile(text: str) -> list[Stage]:
+def _stages(parser: DockerfileParser) -> list[Stage]:
     stages: list[Stage] = []
-    global_args: dict[str, str] = {}
-    for line in _logical_lines(text):
-        keyword, _, args = line.partition(" ")
-        keyword, args = keyword.upper(), args.strip()
-        if keyword == "FROM":
-            words = [w for w in args.split() if not w.startswith("--")]
-            base = _expand(words[0], global_args)
-            name = words[2] if len(words) == 3 and words[1].lower() == "as" else None
-            stages.append(Stage(name, base))
-        elif not stages:
-            assert keyword == "ARG", f"only ARG may come before the first FROM, not {keyword}"
-            key, _, default = args.partition("=")
-            global_args[key] = default
-        else:
-            stages[-1].instructions.append((keyword, args))
+    for item in parser.structure:
+        instruction, value = item["instruction"], item["value"]
+        if instruction == "FROM":
+            words = [w for w in value.split() if not w.startswith("--")]
+            stages.append(Stage(words[2] if len(words) == 3 and words[1].lower() == "as" else None, words[0]))
+        elif stages and instruction != "COMMENT":
+            stages[-1].instructions.append((instruction, value))
     return stages
 
 
-def image_config(stages: list[Stage], index: int = -1) -> ImageConfig:
-    """The config the stage at ``index`` (default: the final stage, the one ``docker build`` makes) leaves."""
-    stage = stages[index]
-    earlier = {s.name.lower(): i for i, s in enumerate(stages[: index % len(stages)]) if s.name}
-    config = (
-        copy.deepcopy(image_config(stages, earlier[stage.base.lower()]))
-        if stage.base.lower() in earlier
-        else ImageConfig()
+def _healthcheck(value: str) -> Healthcheck | None:
+    if value.strip().upper() == "NONE":
+        return None
+    options: dict[str, str] = {}
+    rest = value.strip()
+    while rest.startswith("--"):
+        option, _, rest = rest.partition(" ")
+        key, _, val = option[2:].partition("=")
+        options[key] = val
+        rest = rest.lstrip()
+    instruction, _, command = rest.partition(" ")
+    assert instruction.upper() == "CMD", f"HEALTHCHECK needs CMD, got {rest!r}"
+    parsed = json.loads(command)
+    assert isinstance(parsed, list), "exec form"
+    return Healthcheck(options, parsed)
+
+
+def _image_config(parser: DockerfileParser, final: Stage) -> ImageConfig:
+    last = {keyword: final.find(keyword)[-1] for keyword in ("CMD", "HEALTHCHECK", "USER") if final.find(keyword)}
+    return ImageConfig(
+        env=dict(parser.envs),  # the final stage's, substituted the way Docker does
+        cmd=json.loads(last["CMD"]) if "CMD" in last else None,
+        healthcheck=_healthcheck(last["HEALTHCHECK"]) if "HEALTHCHECK" in last else None,
+        user=last.get("USER"),
+        expose=[port for value in final.find("EXPOSE") for port in value.split()],
+        volumes=[
+            v for value in final.find("VOLUME") for v in (json.loads(value) if value.startswith("[") else value.split())
+        ],
     )
-    args: dict[str, str] = {}
-    for keyword, value in stage.instructions:
-        scope = {**args, **config.env}
-        if keyword == "ARG":
-            key, _, default = value.partition("=")
-            args[key] = _expand(default, scope)
-        elif keyword == "ENV":
-            tokens = shlex.split(value)
-            if "=" not in tokens[0]:  # the legacy ``ENV KEY value with spaces``
-                key, _, rest = value.partition(" ")
-                config.env[key] = _expand(rest.strip(), scope)
-                continue
-            for token in tokens:
-                key, sep, val = token.partition("=")
-                assert sep, f"ENV token {token!r} is not KEY=value"
-                config.env[key] = _expand(val, scope)  # Docker expands against the values before this ENV
-        elif keyword == "CMD":
-            config.cmd = _command(value)
-        elif keyword == "HEALTHCHECK":
-            if value.upper() == "NONE":
-                config.healthcheck = None
-                continue
-            options: dict[str, str] = {}
-            rest = value
-            while rest.startswith("--"):
-                option, _, rest = rest.partition(" ")
-                key, _, val = option[2:].partition("=")
-                options[key] = val
-                rest = rest.lstrip()
-            instruction, _, command = rest.partition(" ")
-            assert instruction.upper() == "CMD", f"HEALTHCHECK needs CMD, got {rest!r}"
-            config.healthcheck = Healthcheck(options, _command(command.strip()))
-        elif keyword == "USER":
-            config.user = _expand(value, scope)
-        elif keyword == "EXPOSE":
-            config.expose += value.split()
-        elif keyword == "VOLUME":
-            config.volumes += _command(value) if value.startswith("[") else value.split()
-    return config
 
 
 def _seconds(duration: str) -> float:
@@ -209,42 +140,22 @@ def _seconds(duration: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def stages() -> list[Stage]:
-    return parse_dockerfile(DOCKERFILE.read_text())
+def parser() -> DockerfileParser:
+    return DockerfileParser(path=str(DOCKERFILE), cache_content=True)
 
 
 @pytest.fixture(scope="module")
-def image(stages: list[Stage]) -> ImageConfig:
-    return image_config(stages)
+def stages(parser: DockerfileParser) -> list[Stage]:
+    return _stages(parser)
 
 
-def test_dockerfile_reader_handles_stages_continuations_and_substitution() -> None:
-    stages = parse_dockerfile(
-        "# syntax=docker/dockerfile:1\n"
-        "ARG PY=3.11\n"
-        "FROM python:${PY}-slim AS base\n"
-        "ENV A=1 \\\n"
-        "    # a comment inside the continuation\n"
-        '    B="two words" \\\n'
-        "    C=${A}-${MISSING:-x}\n"
-        'HEALTHCHECK --interval=5s --timeout=3s CMD ["true"]\n'
-        "FROM base AS final\n"
-        "ENV PATH=/opt/bin:$PATH A=3 D=$A\n"
-        "ENV LEGACY value with spaces\n"
-        "CMD python -m app\n"
-    )
-    assert [(s.name, s.base) for s in stages] == [("base", "python:3.11-slim"), ("final", "base")]
-    config = image_config(stages)
-    assert config.env == {
-        "A": "3",
-        "B": "two words",
-        "C": "-x",  # one ENV sees the values from before it: A was not set yet
-        "PATH": "/opt/bin:",
-        "D": "1",
-        "LEGACY": "value with spaces",
-    }
-    assert config.cmd == ["/bin/sh", "-c", "python -m app"]
-    assert config.healthcheck == Healthcheck({"interval": "5s", "timeout": "3s"}, ["true"])
+@pytest.fixture(scope="module")
+def image(parser: DockerfileParser, stages: list[Stage]) -> ImageConfig:
+    return _image_config(parser, stages[-1])
+
+
+def _stage(stages: list[Stage], name: str) -> Stage:
+    return next(s for s in stages if s.name == name)
 
 
 # --- Dockerfile ----------------------------------------------------------------------------------
@@ -269,42 +180,49 @@ def test_dockerfile_passes_hadolint(tmp_path: Path) -> None:
     assert "DL3007" in result.stdout  # python:latest
 
 
-def test_dockerfile_installs_the_project_from_pyproject(
-    stages: list[Stage], image: ImageConfig, tmp_path: Path
-) -> None:
-    final = stages[-1]
-    copies = [args.split() for args in final.find("COPY") if args.startswith("--from=")]
-    assert copies, "the final stage should copy the built environment from the build stage"
-    build_name = copies[0][0].removeprefix("--from=")
-    build = next(s for s in stages if s.name == build_name)
-    steps = [f"{kw} {args}" for kw, args in build.instructions]
+def test_dockerfile_base_is_pinned_by_digest_with_its_tag(parser: DockerfileParser, stages: list[Stage]) -> None:
+    base = parser.baseimage
+    assert PINNED.fullmatch(base), f"BASE_IMAGE should be tag@sha256:digest, got {base!r}"
+    assert PINNED.fullmatch(base)["tag"] == "python:3.11-slim-bookworm"  # type: ignore[index]
+    names = {s.name for s in stages if s.name}
+    for stage in stages:
+        assert stage.base == "${BASE_IMAGE}" or stage.base in names, f"FROM {stage.base}: not the pinned base"
+    # compose.yaml passes the same default, so `docker compose build` builds from the same bytes.
+    compose_args = yaml.safe_load(COMPOSE.read_text())["x-image"]["build"]["args"]
+    assert compose_args["BASE_IMAGE"] == "${BASE_IMAGE:-" + base + "}"
 
-    def position(pattern: str) -> int:
+
+def test_dockerfile_installs_the_project_from_pyproject(stages: list[Stage], tmp_path: Path) -> None:
+    deps, build, runtime = _stage(stages, "deps"), _stage(stages, "build"), stages[-1]
+    assert build.base == "deps"
+    steps = [f"{kw} {args}" for kw, args in deps.instructions]
+
+    def position(pattern: str, steps: list[str] = steps) -> int:
         hits = [i for i, step in enumerate(steps) if re.search(pattern, step)]
-        assert hits, f"no build step matches {pattern!r}:\n" + "\n".join(steps)
+        assert hits, f"no step matches {pattern!r}:\n" + "\n".join(steps)
         return hits[0]
 
-    # Layer caching: pyproject.toml alone, its dependencies, then the source, then the project.
-    copy_pyproject = position(r"^COPY pyproject\.toml ")
-    install_deps = position(r"^RUN .*pyproject\.toml.*pip install .*-r ")
-    copy_source = min(position(r"^COPY app/ "), position(r"^COPY training/ "))
-    install_project = position(r"^RUN pip install --no-deps .*\s\.(\s|$)")
-    assert copy_pyproject < install_deps < copy_source < install_project
+    # Layer caching: pyproject.toml alone, then its dependencies; the source only in later stages.
+    assert position(r"^COPY pyproject\.toml ") < position(r"^RUN .*pyproject\.toml.*pip install .*-r ")
+    assert not [s for s in steps if re.match(r"^COPY (app|training)/", s)]
+    install_deps = steps[position(r"pip install .*-r ")]
+    build_steps = [f"{kw} {args}" for kw, args in build.instructions]
+    assert position(r"^COPY app/ ", build_steps) < position(r"^RUN pip wheel --no-deps .*\s\.$", build_steps)
 
     # CPU wheels by default, switchable with a build argument.
     assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in steps
-    assert '"${TORCH_INDEX}"' in steps[install_deps]
+    assert '"${TORCH_INDEX}"' in install_deps
 
     # The dependency list is read from pyproject.toml itself: run that step's Python on ours,
     # with the default extras (the image trains too) and with none (a serving-only image).
     assert "ARG EXTRAS=train" in steps
-    words = shlex.split(steps[install_deps].removeprefix("RUN "))
+    words = shlex.split(install_deps.removeprefix("RUN "))
     code = words[words.index("-c") + 1]
     assert words[words.index("-c") + 2] == "${EXTRAS}"
     requirements = tmp_path / "requirements.txt"
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    serving = pyproject["build-system"]["requires"] + pyproject["project"]["dependencies"]
+    serving = pyproject["project"]["dependencies"]
     for extras, expected in (
         ("train", serving + pyproject["project"]["optional-dependencies"]["train"]),
         ("", serving),
@@ -317,7 +235,39 @@ def test_dockerfile_installs_the_project_from_pyproject(
         )
         assert requirements.read_text().splitlines() == expected
     assert not any(dep.startswith("torchvision") for dep in serving), "the service itself does not need torchvision"
-    assert "/opt/venv" in copies[0][1:]
+
+    # The runtime takes the dependency venv whole and installs the project's wheel on top.
+    assert "--from=deps /opt/venv /opt/venv" in runtime.find("COPY")
+    install = next(r for r in runtime.find("RUN") if "from=build" in r)
+    assert "pip install --no-deps --no-index /wheels/*.whl" in install
+
+
+def test_dockerfile_is_lean(stages: list[Stage], image: ImageConfig) -> None:
+    """No pip cache in any layer, no compilers or apt in the runtime, no pip left in the image."""
+    for stage in stages:
+        for run in stage.find("RUN"):
+            if re.search(r"\bpip (install|wheel)\b", run):
+                assert "PIP_NO_CACHE_DIR=1" in run or _stage_env(stages, stage).get("PIP_NO_CACHE_DIR") == "1", run
+    runtime = " ".join(stages[-1].find("RUN"))
+    for tool in ("apt-get", "gcc", "build-essential", "pip wheel"):
+        assert tool not in runtime, f"the runtime stage should not run {tool}"
+    assert "pip uninstall --yes --quiet pip setuptools" in runtime
+    assert not any(k.startswith("PIP_") for k in image.env), "pip settings stay out of the final image's ENV"
+    # The bundled model is the only thing the runtime copies from the context.
+    assert [c for c in stages[-1].find("COPY") if not c.startswith("--from=")] == [
+        "--chown=app:app models/ /app/models/"
+    ]
+
+
+def _stage_env(stages: list[Stage], stage: Stage) -> dict[str, str]:
+    """A stage's ENV, with what it inherits from an earlier stage it is built FROM."""
+    earlier = [s for s in stages if s.name == stage.base]
+    env = _stage_env(stages, earlier[0]) if earlier else {}
+    for value in stage.find("ENV"):
+        for token in shlex.split(value):
+            key, _, val = token.partition("=")
+            env[key] = val
+    return env
 
 
 def test_dockerfile_runtime_settings(stages: list[Stage], image: ImageConfig) -> None:
@@ -329,14 +279,11 @@ def test_dockerfile_runtime_settings(stages: list[Stage], image: ImageConfig) ->
     assert image.env["MNIST_HOST"] == "0.0.0.0"
     assert image.expose == [image.env["MNIST_PORT"]]
     assert int(image.env["MNIST_WORKERS"]) >= 1
+    # Caches under the tmpfs: the root filesystem is read-only in production.
+    assert image.env["XDG_CACHE_HOME"].startswith("/tmp/")
+    assert image.env["MPLCONFIGDIR"].startswith("/tmp/")
     assert image.user is not None
     assert image.user.split(":")[0] not in ("", "0", "root")
-    # The bundled model lands in the models volume, owned by that user.
-    assert any(
-        args.startswith(f"--chown={image.user}") or args.startswith("--chown=app:app")
-        for args in stages[-1].find("COPY")
-        if args.split()[-1].rstrip("/") == "/app/models"
-    )
     assert image.healthcheck is not None
     assert image.healthcheck.command[0] == "python", "the healthcheck uses what the image has (no curl)"
 
@@ -394,7 +341,8 @@ def test_dockerfile_copies_files_the_build_context_has(stages: list[Stage]) -> N
     for needed in ("models/CURRENT", f"models/{read_pointer(ROOT / 'models')}.pt", "app/data/canary.npz"):
         assert not _dockerignored(needed, patterns), needed
     # `pip install .` in the build stage reads the files pyproject.toml names: they must be copied.
-    copied = {word for args in stages[0].find("COPY") for word in args.split()[:-1] if not word.startswith("--")}
+    build = _stage(stages, "build")
+    copied = {word for args in build.find("COPY") for word in args.split()[:-1] if not word.startswith("--")}
     for named in (PROJECT["readme"], *PROJECT.get("license-files", [])):
         assert named in copied, f"pyproject.toml names {named}: the build stage must COPY it"
 
@@ -405,7 +353,12 @@ def _host_env(image: ImageConfig, tmp_path: Path, models_dir: Path) -> dict[str,
     env.pop("PATH", None)
     env.pop("MNIST_HOST")
     env.pop("MNIST_PORT")  # start_server supplies 127.0.0.1 and a free port
-    paths = {"MNIST_MODEL_DIR": ("/app/models", models_dir), "MNIST_DATA_DIR": ("/data", tmp_path / "data")}
+    paths = {
+        "MNIST_MODEL_DIR": ("/app/models", models_dir),
+        "MNIST_DATA_DIR": ("/data", tmp_path / "data"),
+        "XDG_CACHE_HOME": ("/tmp/.cache", tmp_path / "cache"),
+        "MPLCONFIGDIR": ("/tmp/.cache/matplotlib", tmp_path / "cache" / "matplotlib"),
+    }
     unmapped = {k: v for k, v in env.items() if v.startswith("/") and k not in paths}
     assert not unmapped, f"container paths with no mapping here: {unmapped}"
     for key, (in_image, here) in paths.items():
@@ -469,9 +422,14 @@ def _trainer_args(command: list[str]) -> Any:
     return _parser().parse_args(command[3:])
 
 
+def _defaults(text: str) -> str:
+    """compose's ``${VAR:-default}`` interpolation with nothing set: the defaults."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", text)
+
+
 def _mounts(volumes: list[str]) -> dict[str, str]:
-    """compose short syntax ``source:target[:mode]`` -> {target: source}."""
-    return {v.split(":")[1]: v.split(":")[0] for v in volumes}
+    """compose short syntax ``source:target[:mode]`` -> {target: source}, variables at their defaults."""
+    return {_defaults(v).split(":")[1]: _defaults(v).split(":")[0] for v in volumes}
 
 
 def test_compose_shares_the_models_volume_with_a_one_shot_trainer(compose: dict[str, Any], image: ImageConfig) -> None:
@@ -490,11 +448,12 @@ def test_compose_shares_the_models_volume_with_a_one_shot_trainer(compose: dict[
 
     published = {p.rsplit(":", 1)[1] for p in api["ports"]}
     assert published == {image.env["MNIST_PORT"]}
+    assert [_defaults(p) for p in api["ports"]] == [f"127.0.0.1:8000:{image.env['MNIST_PORT']}"], "loopback only"
     env = {**image.env, **api.get("environment", {})}
     assert float(env["MNIST_RELOAD_INTERVAL"]) > 0, "the service must watch the pointer to pick up new versions"
     assert _seconds(api["stop_grace_period"]) > float(env["MNIST_GRACEFUL_TIMEOUT"])
     for service in (api, trainer):
-        assert service["image"] == f"mnist-serve:{PROJECT['version']}"
+        assert _defaults(service["image"]) == f"mnist-serve:{PROJECT['version']}"
         assert service["read_only"] is True
         assert "/tmp" in service["tmpfs"]
 
@@ -524,7 +483,15 @@ def _container(pod_spec: dict[str, Any], name: str, init: bool = False) -> dict[
 def test_k8s_manifests_validate_against_the_kubernetes_schemas() -> None:
     manifests = _manifests()
     kinds = sorted(doc["kind"] for docs in manifests.values() for doc in docs)
-    assert kinds == ["Deployment", "HorizontalPodAutoscaler", "Job", "PersistentVolumeClaim", "Service"]
+    assert kinds == [
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "Job",
+        "NetworkPolicy",
+        "PersistentVolumeClaim",
+        "PodDisruptionBudget",
+        "Service",
+    ]
     for name, docs in manifests.items():
         for doc in docs:
             for version in K8S_VERSIONS:
@@ -573,7 +540,7 @@ def test_k8s_probes_and_ports_match_the_app_and_the_image(models_dir: Path, imag
     deployment = _one("Deployment")
     pod = deployment["spec"]["template"]
     api = _container(pod["spec"], "api")
-    env = {e["name"]: e["value"] for e in api["env"]}
+    env = {e["name"]: e["value"] for e in api["env"] if "value" in e}
     port = int(env["MNIST_PORT"])
     named_ports = {p["name"]: p["containerPort"] for p in api["ports"]}
 
@@ -623,11 +590,9 @@ def test_k8s_pod_is_hardened_and_drains_before_it_stops(image: ImageConfig) -> N
         assert context["capabilities"]["drop"] == ["ALL"]
         # The app writes worker status and Prometheus files under the temp dir.
         assert any(m["mountPath"] == "/tmp" and m["name"] in tmp_volumes for m in container["volumeMounts"])
-        assert container["resources"]["requests"]
-        assert container["resources"]["limits"]["memory"]
 
     api = _container(spec, "api")
-    env = {e["name"]: e["value"] for e in api["env"]}
+    env = {e["name"]: e["value"] for e in api["env"] if "value" in e}
     sleep = api["lifecycle"]["preStop"]["exec"]["command"]
     assert sleep[0] == "sleep"
     assert float(sleep[1]) > 0
@@ -640,6 +605,54 @@ def test_k8s_pod_is_hardened_and_drains_before_it_stops(image: ImageConfig) -> N
     assert deployment["metadata"]["name"] == "mnist-serve"
     assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
     assert api["resources"]["requests"]["cpu"], "CPU utilisation needs a CPU request"
+
+
+def test_k8s_every_container_has_limits_and_no_service_account_token() -> None:
+    pods = [_one("Deployment")["spec"]["template"]["spec"], _one("Job")["spec"]["template"]["spec"]]
+    for spec in pods:
+        assert spec["automountServiceAccountToken"] is False
+        for container in [*spec["containers"], *spec.get("initContainers", [])]:
+            resources = container["resources"]
+            for kind in ("cpu", "memory"):
+                assert resources["requests"][kind], container["name"]
+                assert resources["limits"][kind], container["name"]
+                assert _quantity(resources["requests"][kind]) <= _quantity(resources["limits"][kind]), container["name"]
+
+
+def _quantity(value: str | int) -> float:
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "": 1}
+    number, unit = re.fullmatch(r"([\d.]+)(m|Ki|Mi|Gi|)", str(value)).groups()  # type: ignore[union-attr]
+    return float(number) * units[unit]
+
+
+def test_k8s_admin_token_comes_from_an_optional_secret() -> None:
+    api = _container(_one("Deployment")["spec"]["template"]["spec"], "api")
+    token = next(e for e in api["env"] if e["name"] == "MNIST_ADMIN_TOKEN")
+    assert "value" not in token, "never a literal token in the manifest"
+    ref = token["valueFrom"]["secretKeyRef"]
+    assert ref["optional"] is True, "pods start without the Secret (the admin API is then off)"
+    assert ref["name"]
+    assert ref["key"]
+    from app.config import Settings
+
+    assert "admin_token" in Settings.model_fields  # the variable the app reads
+
+
+def test_k8s_network_policy_admits_only_the_service_port() -> None:
+    policy, pod = _one("NetworkPolicy"), _one("Deployment")["spec"]["template"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    rules = policy["spec"]["ingress"]
+    assert [port for rule in rules for port in rule["ports"]] == [{"port": "http", "protocol": "TCP"}]
+    service = _one("Service")
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+    assert any(p["name"] == "http" for p in _container(pod["spec"], "api")["ports"])
+
+
+def test_k8s_disruption_budget_keeps_a_replica_serving() -> None:
+    budget, pod = _one("PodDisruptionBudget"), _one("Deployment")["spec"]["template"]
+    assert budget["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert budget["spec"]["maxUnavailable"] < _one("HorizontalPodAutoscaler")["spec"]["minReplicas"]
 
 
 def _models_mount(container: dict[str, Any], spec: dict[str, Any], claim: str) -> str:
@@ -656,7 +669,7 @@ def test_k8s_models_volume_is_shared_by_the_service_and_the_training_job() -> No
 
     spec = _one("Deployment")["spec"]["template"]["spec"]
     api = _container(spec, "api")
-    env = {e["name"]: e["value"] for e in api["env"]}
+    env = {e["name"]: e["value"] for e in api["env"] if "value" in e}
     assert env["MNIST_MODEL_DIR"] == _models_mount(api, spec, claim)
     assert float(env["MNIST_RELOAD_INTERVAL"]) > 0
 
