@@ -80,10 +80,43 @@ class Settings(BaseSettings):
         True, description="answer small /predict bodies without the framework's routing layers (docs/performance.md)"
     )
 
-    # Limits
+    # Limits: what one request may cost, checked before the work starts (app/serving.py)
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="largest request body, enforced while reading")
-    max_image_pixels: int = Field(4096 * 4096, gt=0, description="largest width*height a PNG may declare")
+    max_json_bytes: int = Field(
+        8 * 1024 * 1024,
+        gt=0,
+        description="largest JSON body (parsed JSON takes several times its size in memory): use uint8 or .npy for "
+        "bigger batches",
+    )
     max_batch_size: int = Field(10_000, ge=1, description="most images or vectors in one request")
+    max_image_pixels: int = Field(
+        2048 * 2048,
+        gt=0,
+        description="most pixels one image may decode to (a JPEG decodes at 1/2, 1/4 or 1/8 scale when that is "
+        "enough, so a 12-megapixel phone photo counts as ~0.2 megapixels)",
+    )
+    max_request_pixels: int = Field(
+        4 * 2048 * 2048, gt=0, description="most decoded pixels of all the images in one request together"
+    )
+    max_images_per_request: int = Field(64, ge=1, description="most images (PNG, JPEG, WebP) in one request")
+    body_timeout: float = Field(
+        30.0, gt=0, description="seconds a client has to send its whole body; then 408 and the connection is closed"
+    )
+    queue_timeout: float = Field(
+        1.0, gt=0, description="seconds a request may wait to be computed before it is answered 503 + Retry-After"
+    )
+    max_inflight: int = Field(
+        2048, ge=1, description="prediction requests in progress per worker; more are answered 503 + Retry-After"
+    )
+    max_buffered_bytes: int = Field(
+        256 * 1024 * 1024, gt=0, description="request bodies one worker may hold at once (being read or computed)"
+    )
+    compute_slots: int = Field(
+        0,
+        ge=0,
+        description="large requests computed at once per worker; 0: the CPUs this process may use (affinity and "
+        "cgroup quota) divided by the workers",
+    )
 
     @model_validator(mode="after")
     def _check_device(self) -> Settings:

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from app import image
 from app.errors import InputError
-from app.image import PNG_SIGNATURE, decode_png
 
 __all__ = [
     "decode_json",
@@ -38,9 +38,13 @@ _JSON_HINT = 'send {"pixels": [784 numbers]} for one digit or {"instances": [[78
 # Vectors
 
 
-def pixels_to_array(value: Any, field: str, max_batch: int, batch: bool) -> np.ndarray:
-    """Validate a nested list of pixel values in [0, 1]; returns float32 ``[N, 784]``."""
-    arr = _numeric_array(value, f"'{field}'")
+def pixels_to_array(value: Any, field: str, max_batch: int, batch: bool, checked: bool = False) -> np.ndarray:
+    """Validate a nested list of pixel values in [0, 1]; returns float32 ``[N, 784]``.
+
+    ``checked``: the caller has proved that ``value`` holds only numbers and lists
+    (:func:`only_numbers_besides`), so the per-element type walk is skipped.
+    """
+    arr = _numeric_array(value, f"'{field}'", checked)
     shape = arr.shape
     if batch:
         if arr.ndim not in (2, 3) or shape[1:] not in ((PIXELS,), (SIDE, SIDE)):
@@ -61,19 +65,55 @@ def _check_batch_size(n: int, max_batch: int) -> None:
         raise InputError(413, f"batch of {n} images is over the maximum of {max_batch}: split it into smaller requests")
 
 
-def _numeric_array(value: Any, what: str) -> np.ndarray:
-    """A nested JSON list as a numeric numpy array, or a 422 naming what is wrong with it."""
+# Bytes that JSON numbers, arrays of them and the whitespace between can be made of.
+_NUMERIC_BYTES = b"0123456789.eE+-,[] \t\r\n"
+_TYPE_NAMES = {str: "strings", bool: "booleans", type(None): "null", dict: "objects"}
+
+
+def only_numbers_besides(body: bytes, skeleton: Any) -> bool:
+    """Whether ``body`` is the JSON of ``skeleton`` with nothing but numbers (and arrays of them) added.
+
+    ``skeleton`` is the parsed document with its pixel arrays emptied. Any string, ``true``,
+    ``false``, ``null`` or object inside those arrays leaves a quote, a letter or a brace that
+    the skeleton does not have. One C-speed pass over the body, against a type walk of every
+    element; ``False`` only means "not proven" (an escaped key, say): the walk decides then.
+    """
+    return body.translate(None, _NUMERIC_BYTES) == orjson.dumps(skeleton).translate(None, _NUMERIC_BYTES)
+
+
+def _check_numbers(value: Any, what: str) -> None:
+    """Every leaf of a nested list is an int or a float, or a 422 naming what else it holds.
+
+    Runs before numpy sees the values: given strings, numpy would build a fixed-width unicode
+    array (elements x longest string x 4 bytes: gigabytes from a 64 KB body) just to refuse it.
+    The walk costs one step per element, whatever the strings' lengths.
+    """
+    if not isinstance(value, list):
+        return  # a scalar: numpy makes a 0-d array of it, refused by the shape checks
+    stack = [value]
+    while stack:
+        for item in stack.pop():
+            kind = type(item)
+            if kind is float or kind is int:
+                continue
+            if kind is list:
+                stack.append(item)
+                continue
+            raise InputError(422, f"{what} must contain only numbers (got {_TYPE_NAMES.get(kind, kind.__name__)})")
+
+
+def _numeric_array(value: Any, what: str, checked: bool = False) -> np.ndarray:
+    """A nested JSON list as a float64 numpy array, or a 422 naming what is wrong with it."""
+    if not checked:
+        _check_numbers(value, what)
+    if isinstance(value, (str, bool)) or value is None or isinstance(value, dict):
+        raise InputError(422, f"{what} must contain only numbers (got {_TYPE_NAMES[type(value)]})")
     try:
-        arr = np.asarray(value)
-    except (ValueError, TypeError):
+        return np.asarray(value, dtype=np.float64)
+    except ValueError:
         raise InputError(422, f"{what} must be a rectangular array of numbers: its rows differ in length") from None
-    if arr.dtype.kind not in "iuf" or arr.dtype == np.bool_:
-        if arr.dtype == object and arr.ndim >= 1:
-            raise InputError(
-                422, f"{what} must be a rectangular array of numbers: rows differ in length or hold non-numbers"
-            )
-        raise InputError(422, f"{what} must contain only numbers (got {_kind_name(arr)})")
-    return arr
+    except OverflowError:
+        raise InputError(422, f"{what} holds a number too large for a pixel value") from None
 
 
 def check_unit_range(arr: np.ndarray, field: str) -> np.ndarray:
@@ -93,16 +133,6 @@ def check_unit_range(arr: np.ndarray, field: str) -> np.ndarray:
             422, f"'{field}' values must be in [0, 1] (white digit on black); got values from {lo:g} to {hi:g}"
         )
     return arr
-
-
-def _kind_name(arr: np.ndarray) -> str:
-    if arr.dtype.kind in "US":
-        return "strings"
-    if arr.dtype == np.bool_:
-        return "booleans"
-    if arr.ndim == 0:
-        return type(arr.item()).__name__
-    return "values that are not numbers"
 
 
 def load_json_object(body: bytes, hint: str) -> dict[str, Any]:
@@ -126,11 +156,13 @@ def decode_json(body: bytes, max_batch: int) -> tuple[np.ndarray, bool]:
     """``{"pixels": [...]}`` or ``{"instances": [[...], ...]}`` to (float32 ``[N, 784]``, is_batch)."""
     doc = load_json_object(body, _JSON_HINT)
     if len(doc) == 1 and "pixels" in doc:
-        return pixels_to_array(doc["pixels"], "pixels", max_batch, batch=False), False
+        checked = only_numbers_besides(body, {"pixels": []})
+        return pixels_to_array(doc["pixels"], "pixels", max_batch, batch=False, checked=checked), False
     if len(doc) == 1 and "instances" in doc:
         if not isinstance(doc["instances"], list):
             raise InputError(422, "'instances' must be a list of images")
-        return pixels_to_array(doc["instances"], "instances", max_batch, batch=True), True
+        checked = only_numbers_besides(body, {"instances": []})
+        return pixels_to_array(doc["instances"], "instances", max_batch, batch=True, checked=checked), True
     unknown = sorted(set(doc) - {"pixels", "instances"})
     if unknown:
         raise InputError(422, f"unknown field(s) {', '.join(map(repr, unknown))}: {_JSON_HINT}")
@@ -220,12 +252,13 @@ def decode_npy(body: bytes, max_batch: int, scale: bool = True) -> np.ndarray:
 # as JSON (flat or nested, row-major) or as raw little-endian bytes (the binary tensor data
 # extension). These turn one such tensor into the same float32 ``[N, 784]`` rows as above, with
 # the same value rules: FP32 in [0, 1], UINT8 in 0-255 scaled exactly as ``decode_uint8`` does,
-# and BYTES elements that are PNG images, normalised by ``decode_png``.
+# and BYTES elements that are images (PNG, JPEG, WebP), handed to :mod:`app.image` undecoded.
 
 __all__ += [
     "TENSOR_DATATYPES",
-    "images_from_elements",
+    "image_elements",
     "load_json_object",
+    "only_numbers_besides",
     "split_bytes_elements",
     "tensor_batch_size",
     "tensor_from_bytes",
@@ -257,12 +290,17 @@ def tensor_batch_size(shape: Any, datatype: str, field: str, max_batch: int) -> 
     return n
 
 
-def tensor_from_json(data: Any, shape: Any, datatype: str, field: str, max_batch: int) -> np.ndarray:
-    """JSON ``data`` (flat or nested, row-major) of an FP32 (0-1) or UINT8 (0-255) tensor to float32 ``[N, 784]``."""
+def tensor_from_json(
+    data: Any, shape: Any, datatype: str, field: str, max_batch: int, checked: bool = False
+) -> np.ndarray:
+    """JSON ``data`` (flat or nested, row-major) of an FP32 (0-1) or UINT8 (0-255) tensor to float32 ``[N, 784]``.
+
+    ``checked``: as for :func:`pixels_to_array`.
+    """
     n = tensor_batch_size(shape, datatype, field, max_batch)
     if not isinstance(data, list):
         raise InputError(422, f"'{field}' data must be a JSON array of numbers, flat or nested")
-    arr = _numeric_array(data, f"'{field}' data")
+    arr = _numeric_array(data, f"'{field}' data", checked)
     if arr.size != n * PIXELS:
         raise InputError(422, f"'{field}' data holds {arr.size} values but shape {shape} needs {n * PIXELS}")
     arr = arr.reshape(n, PIXELS)
@@ -317,40 +355,35 @@ def split_bytes_elements(raw: bytes, field: str) -> list[bytes]:
     return items
 
 
-def images_from_elements(items: list[bytes], shape: Any, field: str, max_batch: int, max_pixels: int) -> np.ndarray:
-    """BYTES elements, each a PNG (raw, or base64 text of one), to float32 ``[N, 784]``."""
+def image_elements(items: list[bytes], shape: Any, field: str, max_batch: int) -> tuple[bytes, ...]:
+    """BYTES elements, each an image (raw, or base64 text of one), as raw image bytes (not decoded)."""
     n = tensor_batch_size(shape, "BYTES", field, max_batch)
     if len(items) != n:
         raise InputError(422, f"'{field}' holds {len(items)} elements but shape {shape} needs {n}")
-    rows = []
-    for index, item in enumerate(items):
-        png = _png_element(item, field, index)
-        try:
-            rows.append(decode_png(png, max_pixels))
-        except InputError as exc:
-            raise InputError(exc.status_code, f"'{field}' element {index}: {exc.detail}") from None
-    return np.concatenate(rows)
+    return tuple(_image_element(item, field, index) for index, item in enumerate(items))
 
 
-def _png_element(item: bytes, field: str, index: int) -> bytes:
+def _image_element(item: bytes, field: str, index: int) -> bytes:
     import base64  # only the protocol's BYTES inputs need it
     import binascii
 
-    if item.startswith(PNG_SIGNATURE):
+    if image.sniff(item) is not None:
         return item
     if not item:
-        raise InputError(422, f"'{field}' element {index} is empty: send a PNG image")
+        raise InputError(422, f"'{field}' element {index} is empty: send a PNG, JPEG or WebP image")
     compact = _BASE64_SPACE.sub(b"", item)
     compact += b"=" * (-len(compact) % 4)
     try:
         if b"-" in compact or b"_" in compact:
-            png = base64.urlsafe_b64decode(compact)
+            data = base64.urlsafe_b64decode(compact)
         else:
-            png = base64.b64decode(compact, validate=True)
+            data = base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
-        png = b""
-    if not png.startswith(PNG_SIGNATURE):
+        data = b""
+    if image.sniff(data) is None:
         raise InputError(
-            422, f"'{field}' element {index} is neither a PNG image nor base64 text of one (no PNG signature)"
+            422,
+            f"'{field}' element {index} is neither a PNG, JPEG or WebP image nor base64 text of one "
+            "(no image signature)",
         )
-    return png
+    return data

@@ -64,16 +64,37 @@ def _entry(row: np.ndarray, label: int, version: str, top_k: int | None) -> dict
     return entry
 
 
-def encode_predictions(probs: np.ndarray, version: str, batch: bool, top_k: int | None = None) -> bytes:
-    """``{"probabilities", "label", "model_version"[, "top_k"]}``, or ``{"predictions": [...]}``.
+def _seen(row: np.ndarray) -> dict[str, Any]:
+    """What the model was given for one image: a 28x28 greyscale PNG (base64) and its 784 values."""
+    from app.image import to_png_base64  # only requests that ask for it pay for the import
 
+    pixels = _float_rows(row.reshape(1, -1))[0]
+    return {"png": to_png_base64(pixels), "pixels": pixels}
+
+
+def encode_predictions(
+    probs: np.ndarray,
+    version: str,
+    batch: bool,
+    top_k: int | None = None,
+    inputs: np.ndarray | None = None,
+) -> bytes:
+    """``{"probabilities", "label", "model_version"[, "top_k"][, "input"]}``, or ``{"predictions": [...]}``.
+
+    ``inputs``: the rows the model was given, returned as each prediction's ``input``.
     orjson writes the float32 rows straight from numpy: no ``tolist()``, no generic serializer.
     """
     labels = probs.argmax(axis=1).tolist()
     if not batch:
-        return orjson.dumps(_entry(probs[0], labels[0], version, top_k), option=_NUMPY)
+        entry = _entry(probs[0], labels[0], version, top_k)
+        if inputs is not None:
+            entry["input"] = _seen(inputs[0])
+        return orjson.dumps(entry, option=_NUMPY)
     # zip over the array yields its row views in C, cheaper than indexing row by row.
     predictions = [_entry(row, label, version, top_k) for row, label in zip(probs, labels, strict=True)]
+    if inputs is not None:
+        for entry, row in zip(predictions, inputs, strict=True):
+            entry["input"] = _seen(row)
     return orjson.dumps({"model_version": version, "predictions": predictions}, option=_NUMPY)
 
 

@@ -14,19 +14,19 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import __version__, metrics
 from app.config import Settings, get_settings
 from app.errors import InputError
+from app.fast_lane import FastLaneDispatch
 from app.logs import configure_logging
 from app.middleware import RequestContextMiddleware, StartupErrorMiddleware
 from app.registry import CheckpointError
 from app.routes import admin, health, predict, ui, v2
+from app.serving import Pipeline
 from app.store import ModelStore
 
-__all__ = ["ServiceApp", "app", "create_app"]
+__all__ = ["app", "create_app"]
 
 logger = logging.getLogger("app")
 
@@ -34,30 +34,19 @@ DESCRIPTION = """
 Handwritten-digit classification with a PyTorch MLP trained on MNIST.
 
 `POST /predict` takes one digit as JSON (`{"pixels": [784 floats in 0..1]}`), a batch
-(`{"instances": [...]}`), a PNG (raw `image/png` body or `multipart/form-data` field `file`),
+(`{"instances": [...]}`), a picture (PNG, JPEG or WebP: a raw body or `multipart/form-data` field `file`),
 or bulk `application/octet-stream` uint8 pixels / `.npy` arrays, and answers with the ten class
 probabilities, the label and the model version that computed them.
 """
 
 
-class ServiceApp(FastAPI):
-    """FastAPI, plus a fast lane for small ``POST /predict`` bodies (app.routes.predict).
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app: FastAPI's routes behind one middleware chain, the fast lane dispatched inside it.
 
-    The lane runs inside the same request-id, access-log and metrics middlewares as every other
-    request; what it skips is routing and the framework's per-request objects.
+    Outermost first: the startup-error filter, request id + access log + latency metrics, the
+    predictions counter, then :class:`~app.fast_lane.FastLaneDispatch`, which hands small
+    prediction requests to the lane and everything else to FastAPI's router.
     """
-
-    fast_lane: ASGIApp | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.fast_lane is not None and scope["type"] == "http" and predict.fast_lane_eligible(scope):
-            scope["app"] = self
-            await self.fast_lane(scope, receive, send)
-            return
-        await super().__call__(scope, receive, send)
-
-
-def create_app(settings: Settings | None = None) -> ServiceApp:
     settings = settings or get_settings()
     configure_logging(settings.log_level)
     startup_problem: list[str] = []
@@ -84,6 +73,7 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
             served.meta.get("test_accuracy"),
             100 * served.canary_accuracy,
         )
+        app.state.pipeline = Pipeline(settings, store, observe_batch=metrics.observe_batch)
         watcher = asyncio.create_task(store.watch(), name="pointer-watch") if store.watching else None
         try:
             yield
@@ -95,7 +85,7 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
             store.close()
             metrics.model_unloaded(store.serving_version)
 
-    app = ServiceApp(
+    app = FastAPI(
         title="MNIST digit service",
         version=__version__,
         description=DESCRIPTION,
@@ -111,7 +101,7 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
 
     @app.exception_handler(InputError)
     async def _input_error(request: Request, exc: InputError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -126,16 +116,12 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
         logger.exception("unhandled error (request_id=%s)", getattr(request.state, "request_id", "-"))
         return JSONResponse({"detail": "internal server error"}, status_code=500)
 
+    # add_middleware wraps what is there: the first added is the innermost.
+    if settings.fast_lane:
+        app.add_middleware(FastLaneDispatch)
     app.add_middleware(metrics.PredictionCounter)
     app.add_middleware(RequestContextMiddleware, access_log=settings.access_log, observe=metrics.observe_request)
     app.add_middleware(StartupErrorMiddleware, message=lambda: startup_problem[-1] if startup_problem else None)
-    if settings.fast_lane:
-        route = next(r for r in predict.router.routes if isinstance(r, APIRoute) and r.path == "/predict")
-        app.fast_lane = RequestContextMiddleware(
-            metrics.PredictionCounter(predict.FastPredict(route, logger)),
-            access_log=settings.access_log,
-            observe=metrics.observe_request,
-        )
     return app
 
 

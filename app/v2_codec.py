@@ -28,8 +28,9 @@ import orjson
 
 from app import __version__
 from app.decode import (
-    images_from_elements,
+    image_elements,
     load_json_object,
+    only_numbers_besides,
     split_bytes_elements,
     tensor_from_bytes,
     tensor_from_json,
@@ -81,10 +82,16 @@ class OutputRequest:
 
 @dataclass(frozen=True)
 class InferRequest:
-    """A validated inference request: the model input and how to answer."""
+    """A validated inference request: the model input and how to answer.
+
+    FP32 and UINT8 tensors arrive decoded, as ``x`` (float32 ``[N, 784]``); a BYTES tensor's
+    images arrive as ``images`` (raw PNG, JPEG or WebP bytes, not decoded yet), so that their
+    cost can be checked before any of them is decoded.
+    """
 
     id: str | None
-    x: np.ndarray  # float32 [N, 784]
+    x: np.ndarray | None
+    images: tuple[bytes, ...]
     datatype: str
     outputs: tuple[OutputRequest, ...]
 
@@ -148,9 +155,15 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     return body[:size], body[size:]
 
 
-def parse_infer_request(body: bytes, header_length: str | None, max_batch: int, max_pixels: int) -> InferRequest:
+def parse_infer_request(body: bytes, header_length: str | None, max_batch: int, max_json_bytes: int) -> InferRequest:
     """An inference request body (JSON, optionally followed by binary tensors) to :class:`InferRequest`."""
     header, binary = split_body(body, header_length)
+    if len(header) > max_json_bytes:
+        raise InputError(
+            413,
+            f"the JSON part of the request is {len(header)} bytes, over the limit of {max_json_bytes}: send big "
+            "tensors as binary data (the binary tensor data extension)",
+        )
     doc = load_json_object(header, _HINT)
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
@@ -165,7 +178,7 @@ def parse_infer_request(body: bytes, header_length: str | None, max_batch: int, 
     tensor = inputs[0]
     if not isinstance(tensor, dict):
         raise InputError(400, f"each input must be a JSON object: {_HINT}")
-    x, datatype, used = _input_array(tensor, binary, max_batch, max_pixels)
+    x, images, datatype, used = _input_array(tensor, binary, max_batch, header, doc)
     if used != len(binary):
         raise InputError(
             400,
@@ -173,7 +186,7 @@ def parse_infer_request(body: bytes, header_length: str | None, max_batch: int, 
             f"accounts for {used}",
         )
     outputs = _outputs(doc.get("outputs"), binary_default)
-    return InferRequest(id=request_id, x=x, datatype=datatype, outputs=outputs)
+    return InferRequest(id=request_id, x=x, images=images, datatype=datatype, outputs=outputs)
 
 
 def _parameters(owner: dict[str, Any], where: str) -> dict[str, Any]:
@@ -192,8 +205,10 @@ def _flag(parameters: dict[str, Any], name: str, where: str) -> bool:
     return value
 
 
-def _input_array(tensor: dict[str, Any], binary: bytes, max_batch: int, max_pixels: int) -> tuple[np.ndarray, str, int]:
-    """The input tensor to float32 rows; also returns how many binary bytes it used."""
+def _input_array(
+    tensor: dict[str, Any], binary: bytes, max_batch: int, header: bytes, doc: dict[str, Any]
+) -> tuple[np.ndarray | None, tuple[bytes, ...], str, int]:
+    """The input tensor as rows (or undecoded images); also returns how many binary bytes it used."""
     name = tensor.get("name")
     if name != INPUT_NAME:
         raise InputError(400, f"unexpected input {name!r} for model '{MODEL_NAME}': its only input is '{INPUT_NAME}'")
@@ -213,8 +228,12 @@ def _input_array(tensor: dict[str, Any], binary: bytes, max_batch: int, max_pixe
         data = tensor["data"]
         if datatype == "BYTES":
             items = [_json_element(item, index) for index, item in enumerate(_flatten(data))]
-            return images_from_elements(items, shape, INPUT_NAME, max_batch, max_pixels), datatype, 0
-        return tensor_from_json(data, shape, datatype, INPUT_NAME, max_batch), datatype, 0
+            return None, image_elements(items, shape, INPUT_NAME, max_batch), datatype, 0
+        # The document with this tensor's data emptied: if the header is that plus numbers only,
+        # the per-element type walk can be skipped.
+        skeleton = {**doc, "inputs": [{**tensor, "data": []}]}
+        checked = only_numbers_besides(header, skeleton)
+        return tensor_from_json(data, shape, datatype, INPUT_NAME, max_batch, checked), (), datatype, 0
     if "data" in tensor:
         raise InputError(400, f"input '{INPUT_NAME}' has both 'data' and 'binary_data_size': send one of them")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -228,8 +247,8 @@ def _input_array(tensor: dict[str, Any], binary: bytes, max_batch: int, max_pixe
     raw = binary[:size]
     if datatype == "BYTES":
         items = split_bytes_elements(raw, INPUT_NAME)
-        return images_from_elements(items, shape, INPUT_NAME, max_batch, max_pixels), datatype, size
-    return tensor_from_bytes(raw, shape, datatype, INPUT_NAME, max_batch), datatype, size
+        return None, image_elements(items, shape, INPUT_NAME, max_batch), datatype, size
+    return tensor_from_bytes(raw, shape, datatype, INPUT_NAME, max_batch), (), datatype, size
 
 
 def _flatten(data: Any) -> list[Any]:
@@ -252,7 +271,9 @@ def _flatten(data: Any) -> list[Any]:
 def _json_element(item: Any, index: int) -> bytes:
     if not isinstance(item, str):
         raise InputError(
-            400, f"input '{INPUT_NAME}' element {index} must be a string (base64 of a PNG), got {type(item).__name__}"
+            400,
+            f"input '{INPUT_NAME}' element {index} must be a string (base64 of a PNG, JPEG or WebP image), "
+            f"got {type(item).__name__}",
         )
     return item.encode("utf-8")
 

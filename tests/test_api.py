@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import re
@@ -191,7 +192,7 @@ BAD_REQUESTS = [
     ("batch over max", orjson.dumps({"instances": [[0.0] * 784] * 65}), "application/json", 413, "maximum of 64"),
     ("wrong content type", b"hello", "text/plain", 415, "unsupported Content-Type 'text/plain'"),
     ("missing content type", SEVEN_PNG, None, 415, "missing Content-Type"),
-    ("not a PNG", b"GIF89a" + b"\0" * 64, "image/png", 422, "not a PNG"),
+    ("not an image we take", b"GIF89a" + b"\0" * 64, "image/png", 415, "not a PNG, JPEG or WebP image"),
     ("truncated PNG", SEVEN_PNG[: len(SEVEN_PNG) // 2], "image/png", 422, "truncated"),
     ("corrupt PNG", SEVEN_PNG[:50] + b"\0" * 200 + SEVEN_PNG[250:], "image/png", 422, "corrupt"),
     ("blank PNG", png_bytes(Image.new("RGB", (64, 64), "white")), "image/png", 422, "blank"),
@@ -245,22 +246,34 @@ def test_body_limit_enforced_while_streaming(client: TestClient) -> None:
     assert "over the limit" in response.json()["detail"]
 
 
-def test_unexpected_errors_are_a_plain_500(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    import app.routes.predict as predict_module
+class _Exploding(torch.nn.Module):
+    num_classes = 10
 
-    def explode(*args: object, **kwargs: object) -> None:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("secret internal detail /etc/passwd")
 
-    monkeypatch.setattr(predict_module, "predict_proba", explode)
-    with caplog.at_level(logging.ERROR, logger="app"):
-        response = _post(client, SEVEN_PNG, "image/png")
-    assert response.status_code == 500
-    assert response.json() == {"detail": "internal server error"}
-    assert "secret" not in response.text
-    assert "secret internal detail" in caplog.text  # logged with the traceback for operators
-    monkeypatch.undo()
+
+def test_unexpected_errors_are_a_plain_500(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    store = client.app.state.store  # type: ignore[attr-defined]
+    served = store.current
+    store.current = dataclasses.replace(served, model=_Exploding())  # a broken model, through the store
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(SEVEN_PNG)).resize((600, 600)).save(buffer, "PNG")
+    big = buffer.getvalue()  # more pixels than the event loop takes: decoded and computed in a thread
+    try:
+        with caplog.at_level(logging.ERROR, logger="app"):
+            responses = [
+                _post(client, SEVEN_PNG, "image/png"),  # fast lane
+                client.post("/predict?top_k=2", content=SEVEN_PNG, headers={"content-type": "image/png"}),  # routed
+                _post(client, big, "image/png"),
+            ]
+        for response in responses:
+            assert response.status_code == 500
+            assert response.json() == {"detail": "internal server error"}
+            assert "secret" not in response.text
+        assert "secret internal detail" in caplog.text  # logged with the traceback for operators
+    finally:
+        store.current = served
     assert _post(client, SEVEN_PNG, "image/png").status_code == 200
 
 

@@ -76,7 +76,7 @@ def test_client_cli(server_factory: Callable[..., Server], models_dir: Path, tmp
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2
     assert all(re.search(r": label 7  \(7: \d+\.\d%, \d: \d+\.\d%\)  model \S+", line) for line in lines), lines
-    assert "notes.png: error: HTTP 422: the body is not a PNG image" in result.stderr
+    assert "notes.png: error: HTTP 415: the body is not a PNG, JPEG or WebP image" in result.stderr
 
 
 @pytest.mark.parametrize(

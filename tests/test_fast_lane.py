@@ -1,4 +1,4 @@
-"""The fast lane for small /predict bodies answers exactly as the routed endpoint does.
+"""The fast lane for small /predict and v2 bodies answers exactly as the routed endpoints do.
 
 A body sent with Content-Length (within 64 KiB) takes the fast lane; the same bytes sent chunked
 (a generator body, no Content-Length) take FastAPI's route. Every case below goes both ways and
@@ -7,6 +7,7 @@ must give the same status, body and headers.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from collections.abc import Iterator
@@ -15,14 +16,16 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from app import fast_lane
 from app.config import Settings
-from app.main import ServiceApp, create_app
+from app.main import create_app
 from app.metrics import PredictionCounter
 from app.middleware import RequestContextMiddleware, StartupErrorMiddleware
-from app.routes import predict
+from app.serving import INLINE_BYTES
 from tests.helpers import png_bytes
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -59,6 +62,30 @@ CASES: dict[str, tuple[str, bytes]] = {
     "uint8 wrong length": ("application/octet-stream", bytes(785)),
     "npy": ("application/x-npy", _npy(np.zeros((2, 28, 28), dtype=np.uint8))),
     "npy garbage": ("application/x-npy", b"\x93NUMPY garbage"),
+    "npy lying header": ("application/x-npy", _npy(np.zeros((2, 784), dtype=np.uint8))[:-100]),
+    "json strings 30k": ("application/json", orjson.dumps({"pixels": ["x" * 30_000] + [""] * 783})),
+    "json deep nesting": ("application/json", b'{"pixels": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
+    "json huge integer": ("application/json", b'{"pixels": [' + b"9" * 400 + b"]}"),
+    "jpeg not a jpeg": ("image/jpeg", b"\xff\xd8\xff" + b"\0" * 40),
+    "png declaring 50000x50000": (
+        "image/png",
+        SEVEN_PNG[:16] + (50_000).to_bytes(4, "big") + (50_000).to_bytes(4, "big") + SEVEN_PNG[24:],
+    ),
+}
+
+
+def _v2(tensor: dict[str, object]) -> bytes:
+    return orjson.dumps({"inputs": [{"name": "input", **tensor}]})
+
+
+V2_CASES: dict[str, bytes] = {
+    "fp32": _v2({"datatype": "FP32", "shape": [1, 784], "data": SEVEN}),
+    "uint8 batch": _v2({"datatype": "UINT8", "shape": [2, 784], "data": [0] * 1568}),
+    "strings in fp32 data": _v2({"datatype": "FP32", "shape": [1, 784], "data": ["x" * 30_000] + [""] * 783}),
+    "too many values": _v2({"datatype": "FP32", "shape": [1, 784], "data": [0.0] * 785}),
+    "png bytes": _v2({"datatype": "BYTES", "shape": [1], "data": [__import__("base64").b64encode(SEVEN_PNG).decode()]}),
+    "not json": b"{nope",
+    "empty": b"",
 }
 
 
@@ -104,6 +131,18 @@ def test_fast_lane_binary_answers_like_the_route(client: TestClient, accept: str
     _same(fast, routed)
 
 
+@pytest.mark.parametrize("case", sorted(V2_CASES))
+def test_v2_fast_lane_answers_like_the_route(client: TestClient, case: str) -> None:
+    body = V2_CASES[case]
+
+    def chunked() -> Iterator[bytes]:
+        yield body
+
+    fast = client.post("/v2/models/mnist/infer", content=body)
+    routed = client.post("/v2/models/mnist/infer", content=chunked())
+    _same(fast, routed)
+
+
 def test_which_requests_take_the_fast_lane() -> None:
     def scope(path: str = "/predict", query: bytes = b"", **headers: str) -> dict:
         base = {"content-type": "application/json", "content-length": "100"}
@@ -111,38 +150,44 @@ def test_which_requests_take_the_fast_lane() -> None:
         raw = [(k.encode(), v.encode()) for k, v in base.items() if v]
         return {"type": "http", "method": "POST", "path": path, "query_string": query, "headers": raw}
 
-    assert predict.fast_lane_eligible(scope())
-    assert predict.fast_lane_eligible(scope(content_type="image/png"))
-    assert predict.fast_lane_eligible(scope(content_type="Application/JSON; charset=utf-8"))
-    assert predict.fast_lane_eligible({**scope(path="/api/predict"), "root_path": "/api"})
-    assert not predict.fast_lane_eligible(scope(query=b"top_k=3"))
-    assert not predict.fast_lane_eligible(scope(path="/predict/"))
-    assert not predict.fast_lane_eligible(scope(content_type="multipart/form-data; boundary=x"))
-    assert not predict.fast_lane_eligible(scope(content_type=""))
-    assert not predict.fast_lane_eligible(scope(content_type="text/plain"))
-    assert not predict.fast_lane_eligible(scope(content_length=""))
-    assert not predict.fast_lane_eligible(scope(content_length=str(predict.INLINE_LIMIT + 1)))
-    assert not predict.fast_lane_eligible(scope(content_length="12x"))
-    assert not predict.fast_lane_eligible(scope(transfer_encoding="chunked"))
-    assert not predict.fast_lane_eligible({**scope(), "method": "PUT"})
+    eligible = fast_lane.eligible
+    assert eligible(scope()) == fast_lane.LaneRequest("predict", 100, "application/json", "", None)
+    assert eligible(scope(content_type="image/png"))
+    assert eligible(scope(content_type="image/jpeg"))
+    assert eligible(scope(content_type="Application/JSON; charset=utf-8"))
+    assert eligible({**scope(path="/api/predict"), "root_path": "/api"})
+    v2 = eligible(scope(path="/v2/models/mnist/infer", content_type="", inference_header_content_length="80"))
+    assert v2 == fast_lane.LaneRequest("v2", 100, "", "", "80")
+    assert not eligible(scope(path="/v2/models/mnist/infer", content_encoding="gzip"))
+    assert not eligible(scope(path="/v2/models/mnist/versions/1/infer"))
+    assert not eligible(scope(path="/v2/models/other/infer"))
+    assert not eligible(scope(query=b"top_k=3"))
+    assert not eligible(scope(query=b"include=input"))
+    assert not eligible(scope(path="/predict/"))
+    assert not eligible(scope(content_type="multipart/form-data; boundary=x"))
+    assert not eligible(scope(content_type=""))
+    assert not eligible(scope(content_type="text/plain"))
+    assert not eligible(scope(content_length=""))
+    assert not eligible(scope(content_length=str(INLINE_BYTES + 1)))
+    assert not eligible(scope(content_length="12x"))
+    assert not eligible(scope(transfer_encoding="chunked"))
+    assert not eligible({**scope(), "method": "PUT"})
     # A repeated header is left to the routed lane, which reads the first one.
     for name in (b"content-type", b"content-length", b"accept"):
         doubled = scope(accept="application/json")
         doubled["headers"] += [(name, next(v for k, v in doubled["headers"] if k == name))]
-        assert not predict.fast_lane_eligible(doubled), name
+        assert not eligible(doubled), name
 
 
-def test_fast_lane_has_every_middleware_of_the_app(models_dir: Path) -> None:
-    # The lane is wrapped by hand (app.main): a middleware added to the app must be added there too.
+def test_one_middleware_chain_wraps_both_lanes(models_dir: Path) -> None:
     app = create_app(Settings(model_dir=models_dir, reload_interval=0))
-    assert {m.cls for m in app.user_middleware} == {StartupErrorMiddleware, RequestContextMiddleware, PredictionCounter}
-    lane = app.fast_lane
-    wrappers = []
-    while not isinstance(lane, predict.FastPredict):
-        wrappers.append(type(lane))
-        lane = lane.app  # type: ignore[union-attr]
-    # StartupErrorMiddleware only handles the lifespan, which never takes the lane.
-    assert wrappers == [RequestContextMiddleware, PredictionCounter]
+    # Outermost first; the dispatch is the innermost, so both lanes pass every other middleware.
+    assert [m.cls for m in app.user_middleware] == [
+        StartupErrorMiddleware,
+        RequestContextMiddleware,
+        PredictionCounter,
+        fast_lane.FastLaneDispatch,
+    ]
 
 
 def test_the_first_of_repeated_headers_counts_in_both_lanes(client: TestClient) -> None:
@@ -150,24 +195,6 @@ def test_the_first_of_repeated_headers_counts_in_both_lanes(client: TestClient) 
     response = client.post("/predict", content=SEVEN_PNG, headers=headers)
     assert response.status_code == 200
     assert response.json()["label"] == 7
-
-
-def test_fast_lane_really_skips_the_router(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[str] = []
-    routed = predict._respond
-
-    async def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        calls.append("routed")
-        return await routed(*args, **kwargs)
-
-    monkeypatch.setattr(predict, "_respond", spy)
-    body = orjson.dumps({"pixels": SEVEN})
-    assert client.post("/predict", content=body, headers={"content-type": "application/json"}).status_code == 200
-    assert calls == []
-    assert (
-        client.post("/predict?top_k=2", content=body, headers={"content-type": "application/json"}).status_code == 200
-    )
-    assert calls == ["routed"]
 
 
 def test_fast_lane_keeps_the_body_limit(models_dir: Path) -> None:
@@ -190,16 +217,22 @@ def test_fast_lane_counts_metrics_and_request_ids(client: TestClient) -> None:
     assert 'mnist_predictions_total{input_kind="json"}' in text
 
 
-def test_fast_lane_unexpected_error_is_a_plain_500(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    def broken(*args: object) -> None:
+class _Broken(torch.nn.Module):
+    num_classes = 10
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(predict, "predict_proba", broken)
-    monkeypatch.setattr(predict, "_forward", broken)
-    with caplog.at_level(logging.ERROR):
-        fast, routed = _both(client, "application/json", orjson.dumps({"pixels": SEVEN}))
+
+def test_fast_lane_unexpected_error_is_a_plain_500(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    store = client.app.state.store  # type: ignore[attr-defined]
+    served = store.current
+    store.current = dataclasses.replace(served, model=_Broken())
+    try:
+        with caplog.at_level(logging.ERROR):
+            fast, routed = _both(client, "application/json", orjson.dumps({"pixels": SEVEN}))
+    finally:
+        store.current = served
     assert fast.status_code == routed.status_code == 500
     assert fast.json() == routed.json() == {"detail": "internal server error"}
     assert "secret" not in fast.text
@@ -209,8 +242,7 @@ def test_fast_lane_unexpected_error_is_a_plain_500(
 
 def test_fast_lane_can_be_switched_off(models_dir: Path) -> None:
     app = create_app(Settings(model_dir=models_dir, reload_interval=0, fast_lane=False))
-    assert isinstance(app, ServiceApp)
-    assert app.fast_lane is None
+    assert fast_lane.FastLaneDispatch not in [m.cls for m in app.user_middleware]
     with TestClient(app) as client:
         response = client.post(
             "/predict", content=orjson.dumps({"pixels": SEVEN}), headers={"content-type": "application/json"}
@@ -218,10 +250,11 @@ def test_fast_lane_can_be_switched_off(models_dir: Path) -> None:
     assert response.status_code == 200
 
 
-def test_no_model_is_a_503_before_any_body_check(models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_model_is_a_503_before_any_body_check(models_dir: Path) -> None:
     settings = Settings(model_dir=models_dir, reload_interval=0, max_body_bytes=100)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-        monkeypatch.setattr(client.app.state.store, "current", None)  # type: ignore[attr-defined]
+        client.app.state.store.current = None  # type: ignore[attr-defined]
         fast, routed = _both(client, "application/json", orjson.dumps({"pixels": SEVEN}))
     assert fast.status_code == routed.status_code == 503
     assert fast.json() == routed.json() == {"detail": "no model loaded yet"}
+    assert fast.headers["retry-after"] == routed.headers["retry-after"] == "1"

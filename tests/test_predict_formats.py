@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
-from app.routes.predict import _wants_binary
+from app.routes.predict import wants_binary
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SEVEN_PNG = (FIXTURES / "seven.png").read_bytes()
@@ -107,7 +107,7 @@ def test_top_k_needs_a_json_answer(client: TestClient) -> None:
     ],
 )
 def test_accept_negotiation(accept: str | None, binary: bool) -> None:
-    assert _wants_binary(accept) is binary
+    assert wants_binary(accept) is binary
 
 
 # -- the fast route: validation of top_k is FastAPI's own ------------------------------------
@@ -142,4 +142,4 @@ def test_openapi_documents_the_binary_answer(client: TestClient) -> None:
     answers = spec["paths"]["/predict"]["post"]["responses"]["200"]["content"]
     assert "application/octet-stream" in answers
     assert "application/json" in answers
-    assert {p["name"] for p in spec["paths"]["/predict"]["post"]["parameters"]} == {"top_k"}
+    assert {p["name"] for p in spec["paths"]["/predict"]["post"]["parameters"]} == {"top_k", "include"}

@@ -18,20 +18,23 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
+import numpy as np
+import orjson
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from starlette.concurrency import run_in_threadpool
 
-from app.config import Settings
-from app.deps import SettingsDep, StoreDep, read_body
+from app import image
+from app.deps import StoreDep
 from app.errors import InputError
-from app.inference import predict_proba
 from app.registry import list_versions
+from app.serving import INLINE_BYTES, INLINE_PIXELS, Answer, Budgets, Decoded, Job, Pipeline, declared_length
 from app.store import ModelStore, ServedModel
 from app.v2_codec import (
+    INPUT_NAME,
     MODEL_NAME,
+    InferRequest,
     decompress,
     encode_infer_response,
     model_metadata,
@@ -39,14 +42,21 @@ from app.v2_codec import (
     server_metadata,
 )
 
-__all__ = ["router"]
+__all__ = ["INFER_PATH", "answer", "error_body", "router"]
+
+INFER_PATH = f"/v2/models/{MODEL_NAME}/infer"
 
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
-def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    # /predict's 422 ("well-formed but unusable") is the protocol's 400.
-    return JSONResponse({"error": message}, status_code=400 if status == 422 else status, headers=headers)
+def error_body(status: int, message: str) -> tuple[int, bytes]:
+    """The protocol's error answer: ``{"error": ...}``, and /predict's 422 ("well-formed but unusable") as 400."""
+    return (400 if status == 422 else status), orjson.dumps({"error": message})
+
+
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    status, body = error_body(status, message)
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 class _ProtocolRoute(APIRoute):
@@ -59,7 +69,7 @@ class _ProtocolRoute(APIRoute):
             try:
                 return await handler(request)
             except InputError as exc:
-                return _error(exc.status_code, exc.detail)
+                return _error(exc.status_code, exc.detail, headers=exc.headers)
             except HTTPException as exc:
                 return _error(exc.status_code, str(exc.detail), headers=exc.headers)
             except RequestValidationError as exc:
@@ -193,35 +203,86 @@ async def model_version_ready(model_name: str, version: str, store: StoreDep) ->
 # Inference
 
 
-def _run(
-    body: bytes, header_length: str | None, encoding: str | None, settings: Settings, served: ServedModel
-) -> tuple[bytes, int | None, int, str]:
-    body = decompress(body, encoding, settings.max_body_bytes)
-    request = parse_infer_request(body, header_length, settings.max_batch_size, settings.max_image_pixels)
-    probs = predict_proba(served.model, request.x, served.device)
-    payload, json_size = encode_infer_response(probs, request, served.version)
-    return payload, json_size, len(request.x), request.datatype
+def _rows(request: InferRequest, budgets: Budgets) -> np.ndarray:
+    if request.x is not None:
+        return request.x
+    rows = []
+    for index, data in enumerate(request.images):
+        try:
+            rows.append(image.to_model_input(data, max_pixels=budgets.max_image_pixels))
+        except InputError as exc:
+            raise InputError(exc.status_code, f"'{INPUT_NAME}' element {index}: {exc.detail}") from None
+    return np.concatenate(rows)
 
 
-async def _infer(request: Request, settings: Settings, served: ServedModel) -> Response:
-    body = await read_body(request, settings.max_body_bytes)
-    args = (
-        body,
-        request.headers.get("inference-header-content-length"),
-        request.headers.get("content-encoding"),
-        settings,
-        served,
+def _decoded(request: InferRequest, budgets: Budgets, version: str) -> Decoded:
+    x = _rows(request, budgets)
+
+    def encode(probs: np.ndarray) -> Answer:
+        payload, json_size = encode_infer_response(probs, request, version)
+        kind = f"v2_{request.datatype.lower()}"
+        if json_size is None:
+            return Answer(payload, kind, len(probs))
+        header = (("inference-header-content-length", str(json_size)),)
+        return Answer(payload, kind, len(probs), "application/octet-stream", header)
+
+    return x, encode
+
+
+def _job(body: bytes, header_length: str | None, encoding: str | None, budgets: Budgets, version: str) -> Job:
+    def parse(raw: bytes) -> InferRequest:
+        request = parse_infer_request(raw, header_length, budgets.max_batch, budgets.max_json_bytes)
+        if request.images:
+            budgets.check_images(list(request.images), where=f"input '{INPUT_NAME}' ")
+        return request
+
+    if (encoding or "identity").strip().lower() != "identity" or len(body) > INLINE_BYTES:
+        # Inflating and parsing cost what the body holds, not what it measures: all in a thread.
+        def decode_all() -> Decoded:
+            return _decoded(parse(decompress(body, encoding, budgets.max_body_bytes)), budgets, version)
+
+        return Job(decode_all, inline=False)
+    request = parse(body)
+    pixels = sum(image.probe(data).decoded_pixels for data in request.images)
+    return Job(lambda: _decoded(request, budgets, version), inline=pixels <= INLINE_PIXELS)
+
+
+async def answer(
+    pipeline: Pipeline,
+    receive: Any,
+    *,
+    declared: int | None,
+    started: float,
+    header_length: str | None,
+    encoding: str | None,
+) -> tuple[Answer, ServedModel]:
+    """One v2 inference request through the pipeline, for either lane."""
+    budgets = pipeline.budgets
+
+    def build(body: bytes, served: ServedModel) -> Job:
+        return _job(body, header_length, encoding, budgets, served.version)
+
+    result, served, _ = await pipeline.handle(
+        receive, declared=declared, limit=budgets.max_body_bytes, started=started, build=build
     )
-    # Always off the event loop: a small body can still be costly (a gzip body inflating to a big
-    # batch, a PNG declaring millions of pixels), and v2 traffic is bulk, where one thread hop is noise.
-    payload, json_size, count, datatype = await run_in_threadpool(_run, *args)
-    request.state.input_kind = f"v2_{datatype.lower()}"
-    request.state.predictions = count
-    headers = {"x-model-version": served.version}
-    if json_size is None:
-        return Response(payload, media_type="application/json", headers=headers)
-    headers["inference-header-content-length"] = str(json_size)
-    return Response(payload, media_type="application/octet-stream", headers=headers)
+    return result, served
+
+
+async def _infer(request: Request) -> Response:
+    headers = request.headers
+    result, served = await answer(
+        request.app.state.pipeline,
+        request.receive,
+        declared=declared_length(headers.get("content-length")),
+        started=request.scope["state"]["started"],
+        header_length=headers.get("inference-header-content-length"),
+        encoding=headers.get("content-encoding"),
+    )
+    request.state.input_kind = result.kind
+    request.state.predictions = result.count
+    return Response(
+        result.body, media_type=result.media_type, headers={"x-model-version": served.version, **dict(result.headers)}
+    )
 
 
 @router.post(
@@ -230,9 +291,9 @@ async def _infer(request: Request, settings: Settings, served: ServedModel) -> R
     responses=_ERRORS,
     openapi_extra=_INFER_OPENAPI,
 )
-async def infer(model_name: str, request: Request, store: StoreDep, settings: SettingsDep) -> Response:
+async def infer(model_name: str, request: Request) -> Response:
     _check_model(model_name)
-    return await _infer(request, settings, _served(store))
+    return await _infer(request)
 
 
 @router.post(
@@ -241,9 +302,7 @@ async def infer(model_name: str, request: Request, store: StoreDep, settings: Se
     responses=_ERRORS,
     openapi_extra=_INFER_OPENAPI,
 )
-async def infer_version(
-    model_name: str, version: str, request: Request, store: StoreDep, settings: SettingsDep
-) -> Response:
+async def infer_version(model_name: str, version: str, request: Request, store: StoreDep) -> Response:
     _check_model(model_name)
     served = _served(store)
     _check_version(store, served, version)
@@ -255,7 +314,7 @@ async def infer_version(
             f'or activate {version!r} first: POST /admin/reload {{"version": "{version}"}} or '
             f"python -m training.publish {version}",
         )
-    return await _infer(request, settings, served)
+    return await _infer(request)
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,7 +322,7 @@ async def infer_version(
 
 
 @router.api_route("/{path:path}", methods=_METHODS, include_in_schema=False)
-async def unknown_endpoint(path: str, request: Request) -> JSONResponse:
+async def unknown_endpoint(path: str, request: Request) -> Response:
     where = request.scope["path"]
     allowed = sorted(
         {

@@ -1,0 +1,166 @@
+"""The fast lane: small prediction requests answered straight from ASGI, past FastAPI's routing.
+
+A one-digit request spends a large share of its worker time in the framework between the
+middlewares and the endpoint: routing, parameter solving, the Request and Response objects.
+:class:`FastLaneDispatch` is the last middleware of the app (app.main): it hands the requests
+this lane can take to :func:`serve` and everything else to FastAPI's router. The lane takes:
+
+* ``POST /predict`` with no query string and a Content-Type that is not multipart;
+* ``POST /v2/models/mnist/infer`` with no query string and no Content-Encoding;
+
+each with a declared Content-Length of at most ``INLINE_BYTES`` and no Transfer-Encoding, and
+no repeated header among the ones it reads (the routed lane decides which of two counts). Both
+lanes call the same route functions (:func:`app.routes.predict.answer`,
+:func:`app.routes.v2.answer`), so limits, errors and answers are the same; the request-id,
+access-log and metrics middlewares wrap both, being outside the dispatch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import orjson
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.errors import InputError
+from app.routes import predict, v2
+from app.serving import INLINE_BYTES, Answer, Pipeline
+
+__all__ = ["FastLaneDispatch", "LaneRequest", "eligible"]
+
+logger = logging.getLogger("app")
+
+_PREDICT_TYPES = frozenset(t for t in predict.ACCEPTED if t != "multipart/form-data")
+# The route templates the metrics label these requests with, as the router would.
+_TEMPLATES = {"predict": "/predict", "v2": "/v2/models/{model_name}/infer"}
+
+
+@dataclass(frozen=True, slots=True)
+class LaneRequest:
+    """What :func:`eligible` read from the headers, handed to the lane."""
+
+    endpoint: str  # "predict" or "v2"
+    length: int
+    media: str  # /predict: the media type
+    accept: str
+    header_length: str | None  # v2: Inference-Header-Content-Length
+
+
+def eligible(scope: Scope) -> LaneRequest | None:
+    """The lane's reading of this request's headers, or None when the routed lane must take it."""
+    if scope["type"] != "http" or scope["method"] != "POST" or scope["query_string"]:
+        return None
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    if path == "/predict":
+        endpoint = "predict"
+    elif path == v2.INFER_PATH:
+        endpoint = "v2"
+    else:
+        return None
+    media = length = accept = header_length = None
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            if media is not None:
+                return None
+            media = value.split(b";", 1)[0].strip().lower().decode("latin-1")
+        elif name == b"content-length":
+            if length is not None:
+                return None
+            length = value
+        elif name == b"accept":
+            if accept is not None:
+                return None
+            accept = value.decode("latin-1")
+        elif name == b"inference-header-content-length":
+            if header_length is not None:
+                return None
+            header_length = value.decode("latin-1")
+        elif name in (b"transfer-encoding", b"content-encoding"):
+            return None
+    if length is None or not length.isdigit() or int(length) > INLINE_BYTES:
+        return None
+    if endpoint == "predict" and media not in _PREDICT_TYPES:
+        return None
+    return LaneRequest(endpoint, int(length), media or "", accept or "", header_length)
+
+
+class FastLaneDispatch:
+    """Eligible requests to the lane, the rest to ``app`` (FastAPI's exception middleware and router)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        lane = eligible(scope) if scope["type"] == "http" else None
+        if lane is None:
+            await self.app(scope, receive, send)
+        else:
+            await serve(lane, scope, receive, send)
+
+
+async def serve(lane: LaneRequest, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer one eligible request, errors in its route's format."""
+    state = scope.setdefault("state", {})
+    state["route_template"] = _TEMPLATES[lane.endpoint]
+    pipeline: Pipeline = scope["app"].state.pipeline
+    started: float = state.get("started") or time.perf_counter()
+    try:
+        if lane.endpoint == "predict":
+            options = predict.Options(binary=predict.wants_binary(lane.accept))
+            result, served = await predict.answer(
+                pipeline,
+                receive,
+                media=lane.media,
+                content_type=lane.media,
+                declared=lane.length,
+                started=started,
+                options=options,
+            )
+        else:
+            result, served = await v2.answer(
+                pipeline,
+                receive,
+                declared=lane.length,
+                started=started,
+                header_length=lane.header_length,
+                encoding=None,
+            )
+    except InputError as exc:
+        if exc.status_code == 499:  # the client left: nobody to answer
+            return
+        status, body = (
+            (exc.status_code, orjson.dumps({"detail": exc.detail}))
+            if lane.endpoint == "predict"
+            else v2.error_body(exc.status_code, exc.detail)
+        )
+        extra = tuple((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items())
+        await _send(send, status, body, b"application/json", extra)
+        return
+    except Exception:
+        logger.exception("unhandled error (request_id=%s)", state.get("request_id", "-"))
+        await _send(send, 500, orjson.dumps({"detail": "internal server error"}), b"application/json", ())
+        return
+    state["input_kind"] = result.kind
+    state["predictions"] = result.count
+    await _send_answer(send, result, served.version)
+
+
+async def _send_answer(send: Send, result: Answer, version: str) -> None:
+    extra = ((b"x-model-version", version.encode("latin-1")),) + tuple(
+        (k.encode("latin-1"), v.encode("latin-1")) for k, v in result.headers
+    )
+    await _send(send, 200, result.body, result.media_type.encode("latin-1"), extra)
+
+
+Header = tuple[bytes, bytes]
+
+
+async def _send(send: Send, status: int, body: bytes, content_type: bytes, extra: tuple[Header, ...]) -> None:
+    headers = [*extra, (b"content-length", str(len(body)).encode()), (b"content-type", content_type)]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
