@@ -7,6 +7,7 @@ cap and the cgroup CPU reader; real uvicorn for what only a socket shows: stalle
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import socket
@@ -115,6 +116,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@contextlib.asynccontextmanager
 async def _client(settings: Settings, slow: float = 0.0) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings)
     async with app.router.lifespan_context(app):
@@ -137,7 +139,7 @@ def _big_png() -> bytes:
 async def test_a_request_that_would_wait_past_the_queue_deadline_gets_503_retry_after(models_dir: Path) -> None:
     settings = Settings(model_dir=models_dir, reload_interval=0, compute_slots=1, queue_timeout=0.3)
     body = _big_png()
-    async for client in _client(settings, slow=1.0):
+    async with _client(settings, slow=1.0) as client:
 
         async def post() -> httpx.Response:
             return await client.post("/predict", content=body, headers={"content-type": "image/png"})
@@ -171,7 +173,7 @@ async def test_inline_requests_that_waited_past_the_deadline_are_refused_not_run
         await asyncio.sleep(0.05)  # every request has arrived (and been stamped) by now
         yield body[100:]
 
-    async for client in _client(settings, slow=0.5):
+    async with _client(settings, slow=0.5) as client:
         responses = await asyncio.gather(
             *(
                 client.post("/predict", content=two_parts(), headers={"content-type": "application/json"})
@@ -190,7 +192,7 @@ async def test_inline_requests_that_waited_past_the_deadline_are_refused_not_run
 async def test_too_many_requests_in_flight_get_503(models_dir: Path) -> None:
     settings = Settings(model_dir=models_dir, reload_interval=0, max_inflight=1, compute_slots=1)
     body = _big_png()
-    async for client in _client(settings, slow=0.5):
+    async with _client(settings, slow=0.5) as client:
         responses = await asyncio.gather(
             *(client.post("/predict", content=body, headers={"content-type": "image/png"}) for _ in range(3))
         )
@@ -212,7 +214,7 @@ async def test_image_budgets_refuse_before_decoding(models_dir: Path) -> None:
         data = [base64.b64encode(i).decode() for i in images]
         return {"inputs": [{"name": "input", "datatype": "BYTES", "shape": [len(images)], "data": data}]}
 
-    async for client in _client(settings):
+    async with _client(settings) as client:
         one_big = await client.post("/predict", content=big, headers={"content-type": "image/png"})
         assert one_big.status_code == 413
         assert "over the per-image limit of 90,000" in one_big.json()["detail"]
@@ -229,7 +231,7 @@ async def test_image_budgets_refuse_before_decoding(models_dir: Path) -> None:
 @pytest.mark.anyio
 async def test_json_bodies_have_their_own_size_limit(models_dir: Path) -> None:
     settings = Settings(model_dir=models_dir, reload_interval=0, max_json_bytes=10_000)
-    async for client in _client(settings):
+    async with _client(settings) as client:
         response = await client.post("/predict", json={"instances": [[0.0] * 784] * 4})
         assert response.status_code == 413
         assert "over the limit of 10000 bytes" in response.json()["detail"]
