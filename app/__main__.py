@@ -1,41 +1,141 @@
-"""``python -m app`` (or ``mnist-serve``): run uvicorn with the settings from ``MNIST_*``."""
+"""``python -m app`` (or ``mnist-serve``): run uvicorn with the settings from ``MNIST_*``.
+
+Command-line options override the matching environment variables; ``--help`` lists both.
+"""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import importlib.util
 import logging
+import os
 import signal
 import socket
-from collections.abc import AsyncIterator
+import tempfile
+import typing
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
+from pydantic import ValidationError
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
-from app.config import get_settings
+from app import metrics
+from app.config import Settings, get_settings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-__all__ = ["main", "serving_app"]
+__all__ = ["build_parser", "main", "serving_app"]
 
 _logger = logging.getLogger("uvicorn.error")
+_WORKER_HEALTHCHECK_S = 60
+
+# The settings that are also command-line options, with help for those whose field has no
+# description. The others are read from the environment only (listed by --help).
+_OPTIONS: dict[str, str | None] = {
+    "host": "address to listen on",
+    "port": "TCP port to listen on; 0 picks a free one",
+    "workers": "worker processes, each with its own copy of the model",
+    "log_level": "log level of the service and of uvicorn",
+    "model_dir": None,
+    "model_path": None,
+    "device": None,
+    "reload_interval": None,
+}
+# Read from the environment outside Settings (app.workers, prometheus-client).
+_OTHER_ENV = {
+    "MNIST_RUNTIME_DIR": (
+        f"{tempfile.gettempdir()}/mnist-serve-<supervisor pid>",
+        "folder where the workers share their status and metrics",
+    ),
+    "PROMETHEUS_MULTIPROC_DIR": ("<runtime dir>/prometheus", "folder of the workers' metric files"),
+}
 
 
-def serving_app() -> FastAPI:
+def _env_name(field: str) -> str:
+    return f"MNIST_{field.upper()}"
+
+
+def _shown_default(field: str) -> str:
+    value = Settings.model_fields[field].get_default(call_default_factory=True)
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _describe(field: str) -> str:
+    return Settings.model_fields[field].description or _OPTIONS.get(field) or ""
+
+
+def _environment_table() -> str:
+    rows = [(_env_name(name), _shown_default(name), _describe(name)) for name in Settings.model_fields]
+    rows += [(name, default, text) for name, (default, text) in _OTHER_ENV.items()]
+    width = max(len(name) for name, _, _ in rows)
+    lines = [f"  {name:<{width}}  {text} (default: {default})" for name, default, text in rows]
+    return "settings, as environment variables (an option above overrides its variable):\n" + "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mnist-serve`` command line: its options are the main settings, with their defaults."""
+    parser = argparse.ArgumentParser(
+        prog="mnist-serve",
+        description="Serve the MNIST digit classifier over HTTP (uvicorn, one or more workers).",
+        epilog=_environment_table().replace("%", "%%"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for field, fallback in _OPTIONS.items():
+        text = Settings.model_fields[field].description or fallback or ""
+        help_text = f"{text} (default: {_shown_default(field)}; env {_env_name(field)})"
+        choices = typing.get_args(Settings.model_fields[field].annotation) if field == "log_level" else None
+        parser.add_argument(
+            "--" + field.replace("_", "-"),
+            dest=field,
+            choices=choices or None,
+            metavar=None if choices else field.split("_")[-1].upper(),
+            help=help_text.replace("%", "%%"),
+        )
+    return parser
+
+
+def _settings_from(argv: Sequence[str] | None) -> Settings:
+    """Options -> ``MNIST_*`` variables (which spawned workers inherit), then validated settings."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for field in _OPTIONS:
+        value = getattr(args, field)
+        if value is not None:
+            os.environ[_env_name(field)] = value
+    get_settings.cache_clear()
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{_env_name(str(error['loc'][0])) if error['loc'] else 'settings'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        parser.error(problems)
+    except ValueError as exc:  # pick_device: a device that this machine does not have
+        parser.error(str(exc))
+
+
+def serving_app(settings: Settings | None = None) -> FastAPI:
     """The app, whose startup ends by moving every object alive then out of the collector's sight.
 
-    Uvicorn calls this factory in each worker. Imports and model loading leave ~350,000 tracked
-    objects (torch, FastAPI, pydantic; loading a checkpoint pulls in torch._dynamo and sympy),
-    and a full collection walking them takes ~100 ms: under load that came about every second
-    and set the p99 latency (docs/performance.md). Frozen once startup is done, they are never
+    Uvicorn calls this factory in each worker. Imports and model loading leave hundreds of
+    thousands of tracked objects (torch, FastAPI, pydantic; loading a checkpoint pulls in
+    torch._dynamo and sympy), and a full collection walking them takes long enough to set the
+    p99 latency under load (docs/performance.md). Frozen once startup is done, they are never
     walked again; what requests allocate is collected as usual.
     """
-    from app.main import app
+    from app.main import create_app
 
+    app = create_app(settings)
     startup = app.router.lifespan_context
 
     @contextlib.asynccontextmanager
@@ -54,8 +154,10 @@ def _fastest(preferred: str, module: str) -> str:
     return preferred if importlib.util.find_spec(module) is not None else "auto"
 
 
-def main() -> None:
-    settings = get_settings()
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = _settings_from(argv)
+    # Settled here, before any worker starts: they inherit the folder through the environment.
+    metrics.share_folder()
     # Uvicorn drains in-flight requests on SIGTERM, then re-raises the signal through the handler
     # that was installed before it started. A no-op handler here turns that completed, graceful
     # shutdown into exit status 0 (what orchestrators expect) instead of death by signal.
@@ -71,6 +173,11 @@ def main() -> None:
         # Our middleware writes one structured line per request; uvicorn's would duplicate it.
         "access_log": False,
         "timeout_graceful_shutdown": int(settings.graceful_timeout),
+        # How long a new worker may take to start serving (SIGHUP restarts wait for it) and a live
+        # one to answer the supervisor's ping. A worker imports torch, loads the model and runs
+        # the canary: uvicorn's default of 5 s is too short on a busy machine, where a restart
+        # would be aborted and a worker still starting be killed as hung.
+        "timeout_worker_healthcheck": _WORKER_HEALTHCHECK_S,
     }
     if settings.workers > 1 and hasattr(socket, "SO_REUSEPORT"):
         config = uvicorn.Config("app.__main__:serving_app", **options)
@@ -78,7 +185,11 @@ def main() -> None:
         _logger.info(
             "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", settings.host, listeners[0].getsockname()[1]
         )
-        _Supervisor(config, listeners).run()
+        supervisor = _Supervisor(config, listeners)
+        supervisor.run()
+        if supervisor.startup_failed:
+            # As uvicorn exits with a single worker: a server that never served must not exit 0.
+            raise SystemExit(STARTUP_FAILURE)
     else:
         uvicorn.run("app.__main__:serving_app", **options)
 
@@ -102,16 +213,21 @@ class _Supervisor(Multiprocess):
     """Uvicorn's worker supervisor, each worker listening on a socket of its own.
 
     With the one socket uvicorn shares between workers, whichever worker wakes first accepts a
-    whole burst of new connections: 64 keep-alive connections split 53/11 or 13/51 between two
-    workers in our runs, one worker saturated while the other idled (docs/performance.md). With
-    a SO_REUSEPORT socket per worker the kernel spreads connections evenly. A replacement for a
-    dead worker gets its predecessor's socket, which kept queueing connections meanwhile, as the
-    shared socket did. Only process creation differs from uvicorn's ``Multiprocess``.
+    whole burst of new connections, so a burst of keep-alive connections can leave one worker
+    saturated while another idles (docs/performance.md). With a SO_REUSEPORT socket per worker
+    the kernel spreads connections evenly. A replacement for a dead worker gets its
+    predecessor's socket, which kept queueing connections meanwhile, as the shared socket did.
+
+    Only process creation differs from uvicorn's ``Multiprocess``: the three methods below are
+    copies of uvicorn's with ``Process(config, sockets)`` replaced by ``_start(index)``, written
+    against the uvicorn range pinned in pyproject.toml. tests/test_serving_launcher.py fails when
+    the methods they copy, or the attributes they use, change in uvicorn.
     """
 
     def __init__(self, config: uvicorn.Config, listeners: list[socket.socket]) -> None:
         super().__init__(config, sockets=[])
         self.listeners = listeners
+        self.startup_failed = False
 
     def _start(self, index: int) -> Process:
         process = Process(self.config, [self.listeners[index]])
@@ -147,6 +263,7 @@ class _Supervisor(Multiprocess):
             if process.exitcode == STARTUP_FAILURE:
                 # It failed before serving: the app or its model is broken, and so would be a restart.
                 _logger.error("Child process [%s] failed to start, stopping the parent process.", process.pid)
+                self.startup_failed = True
                 self.should_exit.set()
                 return
             if self.should_exit.is_set():

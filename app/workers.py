@@ -15,8 +15,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from app.registry import atomic_write
-
 __all__ = ["WorkerRegistry", "default_runtime_dir", "pid_alive"]
 
 
@@ -52,6 +50,10 @@ class WorkerRegistry:
         return self.dir / f"{self.pid}.json"
 
     def publish(self, status: dict[str, Any]) -> None:
+        # Imported here: app.registry brings torch, and the launcher's supervisor process, which
+        # imports this module for default_runtime_dir() (through app.metrics), never publishes.
+        from app.registry import atomic_write
+
         data = json.dumps({"pid": self.pid, **status}, default=str).encode()
         try:
             atomic_write(self._own, lambda fh: fh.write(data))

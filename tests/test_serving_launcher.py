@@ -1,21 +1,269 @@
-"""The launcher's performance pieces: a listening socket per worker, and the heap frozen after startup.
+"""The launcher (``mnist-serve``, ``python -m app``): its command line, its worker supervisor, and
+the uvicorn internals that supervisor is built on.
 
-The supervisor itself (worker start, restart on its own socket, SIGTERM) runs in the end-to-end
-tests that start ``python -m app`` with two workers (test_shutdown, test_metrics).
+The supervisor runs here as a real process: workers started each on its own socket, a killed
+worker replaced, SIGHUP replacing every worker, a worker that cannot start stopping the server.
+SIGTERM draining is in test_shutdown, the workers' shared metrics in test_metrics.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
+import inspect
+import os
+import shutil
+import signal
 import socket
-from collections.abc import Iterator
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors import multiprocess
 
 import app.__main__ as launcher
-from app.config import get_settings
+from app.config import Settings
+from tests.conftest import Server
+
+BIN = Path(sys.executable).parent
+
+
+def _script(name: str) -> str:
+    path = shutil.which(name, path=str(BIN))
+    assert path is not None, f"{name} is not installed beside {sys.executable} (pip install -e .)"
+    return path
+
+
+def _run(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(args), capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, check=False
+    )
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+def _option_entries(help_text: str) -> dict[str, str]:
+    """``--help``'s options section -> {"--port": "its help text, lines joined"}."""
+    section = help_text.split("options:", 1)[1].split("\n\n", 1)[0]
+    entries: dict[str, str] = {}
+    current = ""
+    for line in section.splitlines():
+        stripped = line.strip()
+        if line.startswith("  -"):
+            current = stripped.split()[0].rstrip(",")
+            entries[current] = stripped
+        elif current:
+            entries[current] += " " + stripped
+    return entries
+
+
+def test_serve_help_lists_every_option_and_setting_with_its_default() -> None:
+    result = _run(_script("mnist-serve"), "--help")
+    assert result.returncode == 0, result.stderr
+    entries = _option_entries(result.stdout)
+    assert {"--host", "--port", "--workers", "--log-level", "--model-dir", "--device"} <= set(entries)
+    for option, text in entries.items():
+        if option == "-h":
+            continue
+        assert "(default: " in text, f"{option} does not show its default: {text!r}"
+        assert f"env MNIST_{option[2:].replace('-', '_').upper()}" in text, text
+    assert "(default: 8000; env MNIST_PORT)" in " ".join(entries["--port"].split())
+    # Every setting, options or not, is listed with its environment variable and default.
+    for name, field in Settings.model_fields.items():
+        line = next((ln for ln in result.stdout.splitlines() if ln.split()[:1] == [f"MNIST_{name.upper()}"]), None)
+        assert line is not None, f"MNIST_{name.upper()} missing from --help"
+        assert "(default: " in line
+        if field.description:
+            assert field.description in line
+    assert "MNIST_RUNTIME_DIR" in result.stdout
+
+
+def test_serve_rejects_a_bad_option_value_before_starting() -> None:
+    result = _run(sys.executable, "-m", "app", "--port", "70000")
+    assert result.returncode == 2
+    assert "MNIST_PORT" in result.stderr
+    assert "65535" in result.stderr
+    result = _run(sys.executable, "-m", "app", "--log-level", "loud")
+    assert result.returncode == 2
+    assert "invalid choice: 'loud'" in result.stderr
+
+
+def _pids(server: Server) -> set[int]:
+    with server.client() as client:
+        response = client.get("/model")
+    assert response.status_code == 200
+    return {worker["pid"] for worker in response.json()["workers"]}
+
+
+def _wait_for(server: Server, condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}; server log:\n{server.log()[-4000:]}"
+        time.sleep(0.2)
+
+
+def _serving(server: Server, count: int) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            pids = _pids(server)
+        except httpx.HTTPError:
+            return False
+        return len(pids) == count
+
+    return check
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_supervisor_replaces_killed_workers_and_restarts_on_sighup(
+    server_factory: Callable[..., Server], models_dir: Path, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    # The options override the environment: with MNIST_MODEL_DIR alone, no worker could start.
+    server = server_factory(
+        command=[_script("mnist-serve"), "--workers", "2", "--model-dir", str(models_dir), "--log-level", "info"],
+        env={"MNIST_WORKERS": "1", "MNIST_MODEL_DIR": str(empty), "MNIST_ACCESS_LOG": "false"},
+    )
+    _wait_for(server, _serving(server, 2), "two workers")
+    first = _pids(server)
+
+    # A worker killed outright is replaced, and the replacement serves.
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)
+    _wait_for(server, lambda: victim not in _pids(server) and _serving(server, 2)(), "the killed worker's replacement")
+    assert f"Child process [{victim}] died" in server.log()
+    second = _pids(server)
+
+    # SIGHUP replaces every worker, one at a time, while requests keep being answered.
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        # A connection per request: a kept-alive one may be closed by a retiring worker just as
+        # the next request goes out, a race of HTTP keep-alive rather than of the restart.
+        with server.client(limits=httpx.Limits(max_keepalive_connections=0)) as client:
+            while not stop.is_set():
+                try:
+                    response = client.post("/predict", json={"pixels": [0.5] * 784})
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+                    continue
+                if response.status_code != 200:
+                    failures.append(f"{response.status_code} {response.text}")
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        server.proc.send_signal(signal.SIGHUP)
+        _wait_for(server, lambda: _serving(server, 2)() and not (_pids(server) & second), "every worker replaced")
+    finally:
+        stop.set()
+        thread.join()
+    assert not failures, failures[:3]
+    assert server.proc.poll() is None
+    assert server.stop() == 0
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("workers", [2, 1])
+def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path, workers: int) -> None:
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    env = {"MNIST_RUNTIME_DIR": str(tmp_path / "runtime"), "MNIST_PORT": "0", "PYTHONUNBUFFERED": "1"}
+    result = _run(
+        sys.executable, "-m", "app", "--workers", str(workers), "--model-path", str(broken), env=env, timeout=180
+    )
+    # Not restarted over and over: the supervisor stops, with uvicorn's startup-failure status.
+    assert result.returncode == STARTUP_FAILURE, result.stderr[-3000:]
+    assert str(broken) in result.stderr
+    if workers > 1:
+        assert "failed to start, stopping the parent process" in result.stderr
+
+
+# -- the uvicorn internals the supervisor relies on ------------------------------------------------
+
+# What app/__main__.py's _Supervisor was written against (the range pinned in pyproject.toml).
+# Its three overrides are copies of these methods: when uvicorn changes one, compare it with ours,
+# carry the change over, then record the new digest here.
+OVERRIDDEN = {
+    "init_processes": "(self) -> 'None'",
+    "restart_all": "(self) -> 'None'",
+    "keep_subprocess_alive": "(self) -> 'None'",
+}
+SOURCE_SHA256 = {  # of inspect.getsource(Multiprocess.<name>) in uvicorn 0.54.0
+    "init_processes": "6c69f2a36bf55750164a2e39f2bf552a9f5b456b07109ed07d165399a441290d",
+    "restart_all": "438dec6d95be9fcdfdaf6ea8d2d6fd98f186c3645d94ce59c43de3bcdb148d25",
+    "keep_subprocess_alive": "3ba4980aa33bcecdf3d0a725ca9c4e8d92238f72d239e522120ad6e05147fd59",
+}
+USED_SIGNATURES = {
+    (multiprocess.Multiprocess, "__init__"): "(self, config: 'Config', sockets: 'list[socket]') -> 'None'",
+    (multiprocess.Process, "__init__"): "(self, config: 'Config', sockets: 'list[socket]') -> 'None'",
+    (multiprocess.Process, "start"): "(self) -> 'None'",
+    (multiprocess.Process, "kill"): "(self) -> 'None'",
+    (multiprocess.Process, "join"): "(self) -> 'None'",
+    (multiprocess.Process, "terminate"): "(self) -> 'None'",
+    (multiprocess.Process, "is_alive"): "(self, timeout: 'float' = 5) -> 'bool'",
+    (
+        multiprocess.Process,
+        "wait_until_ready",
+    ): "(self, timeout: 'float', should_exit: 'threading.Event | None' = None) -> 'bool'",
+}
+
+
+def _digest(name: str) -> str:
+    source = inspect.getsource(getattr(multiprocess.Multiprocess, name))
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("name", sorted(OVERRIDDEN))
+def test_overridden_uvicorn_methods_are_unchanged(name: str) -> None:
+    base = getattr(multiprocess.Multiprocess, name)
+    assert str(inspect.signature(base)) == OVERRIDDEN[name], f"uvicorn {uvicorn.__version__} changed {name}"
+    ours = getattr(launcher._Supervisor, name)
+    assert ours is not base
+    assert inspect.signature(ours) == inspect.signature(base)
+    assert _digest(name) == SOURCE_SHA256[name], (
+        f"uvicorn {uvicorn.__version__} changed Multiprocess.{name}: app/__main__.py's _Supervisor.{name} "
+        "is a copy of it; carry the change over, then update SOURCE_SHA256"
+    )
+
+
+@pytest.mark.parametrize(("owner", "name"), sorted(USED_SIGNATURES, key=lambda key: (key[0].__name__, key[1])))
+def test_uvicorn_methods_the_supervisor_calls_are_unchanged(owner: type, name: str) -> None:
+    signature = str(inspect.signature(getattr(owner, name)))
+    assert signature == USED_SIGNATURES[owner, name], f"uvicorn {uvicorn.__version__}: {owner.__name__}.{name}"
+
+
+def test_uvicorn_attributes_the_supervisor_uses_exist() -> None:
+    assert STARTUP_FAILURE == 3
+    assert isinstance(multiprocess.Process.pid, property)
+    assert isinstance(multiprocess.Process.exitcode, property)
+    config = uvicorn.Config("app.__main__:serving_app", factory=True, workers=2)
+    assert isinstance(config.timeout_worker_healthcheck, int | float)
+    # Multiprocess.__init__ installs signal handlers: put the test process's back afterwards.
+    saved = {sig: signal.getsignal(sig) for sig in multiprocess.SIGNALS}
+    try:
+        supervisor = multiprocess.Multiprocess(config, sockets=[])
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert supervisor.processes == []
+    assert supervisor.processes_num == 2
+    assert not supervisor.should_exit.is_set()
+    assert callable(supervisor.run)
+
+
+# -- the performance pieces ----------------------------------------------------------------------
 
 
 @pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="needs SO_REUSEPORT")
@@ -54,15 +302,10 @@ def restore_gc() -> Iterator[None]:
     gc.unfreeze()  # the rest of the test session collects as usual
 
 
-def test_startup_ends_with_a_frozen_heap(models_dir: Path, monkeypatch: pytest.MonkeyPatch, restore_gc: None) -> None:
-    monkeypatch.setenv("MNIST_MODEL_DIR", str(models_dir))
-    monkeypatch.setenv("MNIST_RELOAD_INTERVAL", "0")
-    get_settings.cache_clear()
-    monkeypatch.setattr("app.main.app", __import__("app.main", fromlist=["create_app"]).create_app())
+def test_startup_ends_with_a_frozen_heap(models_dir: Path, restore_gc: None) -> None:
     gc.unfreeze()
-    served = launcher.serving_app()
+    served = launcher.serving_app(Settings(model_dir=models_dir, reload_interval=0, access_log=False))
     assert gc.get_freeze_count() == 0  # nothing frozen before the lifespan has run
     with TestClient(served) as client:
         assert gc.get_freeze_count() > 100_000  # imports, model and all: out of the collector's sight
         assert client.get("/health/ready").status_code == 200
-    get_settings.cache_clear()
