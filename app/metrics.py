@@ -145,7 +145,7 @@ def _get(runtime_dir: Path | None = None) -> _Metrics:
             folder = share_folder(runtime_dir)
             _metrics = _Metrics(folder)
             if folder is not None and _metrics.directory is None and imported_early:
-                logger.warning("prometheus_client was imported before metrics.setup(): /metrics covers this process only")
+                logger.warning("prometheus_client imported before metrics.setup(): /metrics covers this process only")
             atexit.register(_process_exit)
         return _metrics
 
