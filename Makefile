@@ -9,13 +9,13 @@ BIN := $(VENV)/bin
 # Extra pip arguments, e.g. PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" for CPU-only torch.
 PIP_ARGS ?=
 
-.PHONY: serve test lint typecheck pytest train evaluate bench bench-train clean help
+.PHONY: serve test lint typecheck pytest train evaluate bench bench-check bench-peers bench-train clean help
 
 help:
 	@echo "make serve   set up and start the service on http://127.0.0.1:8000 (the bundled model)"
 	@echo "make test    set up and run ruff, mypy and the whole test suite"
 	@echo "make train   retrain with the default recipe (DATA_DIR=../shared/data) and publish"
-	@echo "make bench   the HTTP benchmark harness (docs/performance.md)"
+	@echo "make bench   the HTTP benchmark: the service against its peers (docs/performance.md)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,9 +56,18 @@ train: $(VENV)/.installed-train
 evaluate: $(VENV)/.installed-train
 	$(BIN)/python -m training.evaluate --data-dir $(DATA_DIR)
 
-# BENCH_ARGS=--quick for a ~3 minute sanity run; any bench/http_bench.py option works.
+# BENCH_ARGS=--quick for a sanity run, --record to make the run the one docs/performance.md shows;
+# any `python -m bench` option works (python -m bench --help).
 bench: $(VENV)/.installed-dev
 	PYTHON=$(BIN)/python bash bench/run.sh $(BENCH_ARGS)
+
+# docs/performance.md against the recorded run (bench/recorded.json).
+bench-check: $(VENV)/.installed-dev
+	$(BIN)/python -m bench.report --check
+
+# Build the peers' venvs (Triton, MLServer, BentoML, Ray Serve) ahead of a run.
+bench-peers:
+	$(PYTHON) -m bench.venvs
 
 bench-train: $(VENV)/.installed-dev
 	$(BIN)/python bench/train_bench.py --data-dir $(DATA_DIR)

@@ -1,13 +1,15 @@
--- wrk script for bench/http_bench.py: POST one fixed body on every request, then print one
--- machine-readable line. The harness passes the body file and headers through the environment.
+-- wrk script for the bench harness (bench/load.py): POST one fixed body on every request, then
+-- print one machine-readable line. The harness passes the body file and headers through the
+-- environment: BENCH_BODY (a file), BENCH_HEADERS ("name: value" lines).
 local file = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
 wrk.method = "POST"
 wrk.body = file:read("*a")
 file:close()
-wrk.headers["Content-Type"] = os.getenv("BENCH_CONTENT_TYPE")
-local accept = os.getenv("BENCH_ACCEPT")
-if accept ~= nil and accept ~= "" then
-  wrk.headers["Accept"] = accept
+for line in string.gmatch(os.getenv("BENCH_HEADERS") or "", "[^\n]+") do
+  local name, value = string.match(line, "^([^:]+):%s*(.*)$")
+  if name ~= nil then
+    wrk.headers[name] = value
+  end
 end
 
 -- errors.status counts responses with a status of 400 or more; the rest are socket errors.

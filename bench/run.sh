@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One command for the HTTP benchmark: install wrk when it is missing, then run the harness.
-#   bash bench/run.sh [--quick] [any bench/http_bench.py option]
+# One command for the HTTP benchmark: install wrk when it is missing, prepare the service's bench
+# venv, then run the harness (`python -m bench`; the peers' venvs are built by it on first use).
+#   bash bench/run.sh [--quick] [--record] [any `python -m bench` option]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v wrk >/dev/null 2>&1; then
@@ -15,13 +16,14 @@ if ! command -v wrk >/dev/null 2>&1; then
 fi
 PYTHON="${PYTHON:-.venv/bin/python}"
 
-# The servers run in their own venv, as the Docker image installs them: the service's own
-# dependencies (no training extras) with a CPU build of torch, plus LitServe for the peer. The dev
-# venv's torch may be a CUDA build, whose libraries alone add ~400 MB to every worker's RSS.
-# BENCH_TORCH is the CPU build to install: 2.13.0 is the one this project's offline machine has
-# on disk; where PyTorch's CPU index is reachable, BENCH_TORCH='torch==2.14.1' gets 2.14.1+cpu.
+# The service, the naive endpoint and LitServe run in their own venv, as the Docker image installs
+# the service: its own dependencies (no training extras) with a CPU build of torch. The dev venv's
+# torch may be a CUDA build, whose libraries alone add hundreds of MB to every worker's RSS.
+# BENCH_TORCH is the CPU build to install (the peers' venvs get the same one, bench/venvs.py):
+# 2.13.0 is the one this project's offline machine has on disk; where PyTorch's CPU index is
+# reachable, BENCH_TORCH='torch==2.14.1' gets 2.14.1+cpu.
 SERVE_VENV="${SERVE_VENV:-.venv-serve}"
-BENCH_TORCH="${BENCH_TORCH:-torch==2.13.0}"
+export BENCH_TORCH="${BENCH_TORCH:-torch==2.13.0}"
 TORCH_INDEX="${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
 stamp="$SERVE_VENV/.installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
@@ -35,4 +37,4 @@ fi
 if ! "$SERVE_VENV/bin/python" -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then
   echo "bench: warning: $SERVE_VENV has a CUDA build of torch; worker memory includes its CUDA libraries" >&2
 fi
-exec "$PYTHON" bench/http_bench.py --server-python "$SERVE_VENV/bin/python" "$@"
+exec "$PYTHON" -m bench --server-python "$SERVE_VENV/bin/python" "$@"

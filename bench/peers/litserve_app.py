@@ -1,6 +1,6 @@
 """LitServe serving the same weights, the way its documentation shows: a peer for the harness.
 
-    python bench/litserve_app.py --port 8000 --workers 2
+    python -m bench.peers.litserve_app --port 8000 --workers 2    # from the repository root
 
 ``POST /predict`` takes ``{"pixels": [784 floats]}`` and ``POST /predict/batch`` takes
 ``{"instances": [[784 floats], ...]}``, the bodies the harness sends to every server. Each answers
@@ -11,28 +11,13 @@ with the probabilities and the label. The model is the bundled checkpoint, loade
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-from pathlib import Path
 from typing import Any
 
 import litserve as ls
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from app.registry import load_model, read_pointer, version_path  # noqa: E402
-
-
-def checkpoint_path() -> Path:
-    explicit = os.environ.get("MNIST_MODEL_PATH")
-    if explicit:
-        return Path(explicit)
-    version = read_pointer(ROOT / "models")
-    if version is None:
-        raise SystemExit(f"no CURRENT pointer in {ROOT / 'models'}")
-    return version_path(ROOT / "models", version)
+from app.registry import load_model
+from bench.peers.model import checkpoint_path
 
 
 class _Mnist(ls.LitAPI):
@@ -48,7 +33,7 @@ class _Mnist(ls.LitAPI):
 
 class PixelsAPI(_Mnist):
     # ``request`` stays unannotated: LitServe reads the annotation, and none means "the parsed JSON".
-    def decode_request(self, request) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def decode_request(self, request) -> torch.Tensor:
         return torch.tensor(request["pixels"], dtype=torch.float32).reshape(1, 784)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,7 +44,7 @@ class PixelsAPI(_Mnist):
 
 
 class InstancesAPI(_Mnist):
-    def decode_request(self, request) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def decode_request(self, request) -> torch.Tensor:
         return torch.tensor(request["instances"], dtype=torch.float32).reshape(-1, 784)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:

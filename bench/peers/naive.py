@@ -1,26 +1,23 @@
 """The baseline: the plain FastAPI endpoint most tutorials write, serving the same weights.
 
-    MNIST_MODEL_PATH=models/<version>.pt uvicorn bench.naive_app:app --workers N
+    uvicorn bench.peers.naive:app --workers N        # from the repository root
 
 A pydantic ``list[float]`` body, ``torch.tensor(list)``, a forward, ``.tolist()`` back through
 FastAPI's generic response serializer. No validation beyond pydantic's types, no middleware:
-the harness (``bench/http_bench.py``) compares the service against this.
+the harness compares the service against this (``x naive`` in its table).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import torch
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from app.registry import load_model, read_pointer, version_path
-
-ROOT = Path(__file__).resolve().parent.parent
+from app.registry import load_model
+from bench.peers.model import checkpoint_path
 
 
 class PixelsRequest(BaseModel):
@@ -40,24 +37,13 @@ class BatchPrediction(BaseModel):
     predictions: list[Prediction]
 
 
-def _checkpoint() -> Path:
-    explicit = os.environ.get("MNIST_MODEL_PATH")
-    if explicit:
-        return Path(explicit)
-    models = ROOT / "models"
-    version = read_pointer(models)
-    if version is None:
-        raise RuntimeError(f"no CURRENT pointer in {models}")
-    return version_path(models, version)
-
-
 model_holder: dict[str, torch.nn.Module] = {}
 
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     torch.set_num_threads(1)  # the same per-worker setting as the service
-    model, _ = load_model(_checkpoint(), "cpu")
+    model, _ = load_model(checkpoint_path(), "cpu")
     model_holder["model"] = model
     yield
 
