@@ -1,9 +1,10 @@
 """A small client for the service, and its command line.
 
-    python -m app.client digit.png                  # a PNG (any size, any colours)
+    python -m app.client digit.png                  # a PNG, JPEG or WebP (any size, any colours)
     python -m app.client pixels.json                # {"pixels": [...]} or {"instances": [...]}
     python -m app.client batch.npy --top-k 3        # a .npy array, uint8 0-255 or float 0-1
     python -m app.client digit.png --url http://host:8000
+    mnist-client --help                             # the same program, installed as a command
 
 Prints the predicted label and the most probable classes for each input.
 """
@@ -17,10 +18,13 @@ from typing import Any
 
 import httpx
 
-__all__ = ["DigitClient", "ServiceError", "main"]
+__all__ = ["DigitClient", "ServiceError", "build_parser", "main"]
 
 _TYPES = {
     ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".webp": "image/webp",
     ".json": "application/json",
     ".npy": "application/x-npy",
     ".bin": "application/octet-stream",
@@ -89,14 +93,55 @@ def _describe(prediction: dict[str, Any], top_k: int) -> str:
     return f"label {prediction['label']}  ({ranked})"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.client", description=__doc__.splitlines()[0])
-    parser.add_argument("files", nargs="+", type=Path, help=".png, .json, .npy or .bin (raw uint8) files")
+def _top_k(text: str) -> int:
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= k <= 10:
+        raise argparse.ArgumentTypeError(f"{k} is out of range: there are 10 classes, show 1 to 10")
+    return k
+
+
+def _timeout(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not seconds > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return seconds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mnist-client",
+        description="Classify handwritten digits with a running service (python -m app.client works too).",
+    )
+    parser.add_argument(
+        "files",
+        nargs="+",
+        type=Path,
+        help="inputs: images (.png, .jpg, .webp), .json ({pixels} or {instances}), .npy, .bin (raw uint8)",
+    )
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="service address (default: %(default)s)")
-    parser.add_argument("--top-k", type=int, default=3, help="classes to show per input (default: %(default)s)")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--top-k", type=_top_k, default=3, metavar="K", help="classes to show per input, 1-10 (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=30.0,
+        metavar="S",
+        help="seconds to wait for each answer (default: %(default)s)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     status = 0
-    with DigitClient(args.url) as client:
+    with DigitClient(args.url, timeout=args.timeout) as client:
         for path in args.files:
             try:
                 result = client.predict_file(path)
