@@ -68,6 +68,20 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = Field(True, description="one structured line per request")
     graceful_timeout: float = Field(30.0, gt=0, description="seconds in-flight requests get after SIGTERM")
+    keepalive_timeout: float = Field(
+        5.0, gt=0, description="seconds an idle keep-alive connection stays open (uvicorn's timeout_keep_alive)"
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, description="seconds a client has to send a request's head (line and headers); then 408, closed"
+    )
+    max_header_bytes: int = Field(64 * 1024, ge=1024, description="largest request head; over it 431, closed")
+    max_connections: int = Field(
+        8192,
+        ge=1,
+        description="open connections per worker; past it uvicorn answers 503 (its limit_concurrency): a bound on "
+        "sockets and memory, far above what the compute budgets admit",
+    )
+    backlog: int = Field(4096, ge=64, description="connections the kernel queues per listening socket")
     torch_threads: int = Field(1, ge=0, description="intra-op threads per worker; 0 keeps torch's default")
     microbatch: bool = Field(
         True, description="run concurrent small /predict requests as one forward pass (docs/performance.md)"

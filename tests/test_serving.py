@@ -284,3 +284,16 @@ def test_stalled_uploads_hold_no_slot_and_time_out_with_408(server_factory, mode
             sock.close()
     with server.client() as client:
         assert client.get("/health/ready").status_code == 200
+
+
+def test_the_access_log_cannot_be_forged_through_the_path(models_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(Settings(model_dir=models_dir, reload_interval=0))) as client:
+        with caplog.at_level("INFO", logger="app.access"):
+            response = client.get("/predict%0Arequest_id=forged%20status=200%22")
+    assert response.status_code in (404, 405)
+    lines = [r.getMessage() for r in caplog.records if r.name == "app.access"]
+    assert len(lines) == 1
+    assert "\n" not in lines[0]
+    assert 'path="/predict%0Arequest_id=forged%20status=200%22"' in lines[0]

@@ -1,0 +1,108 @@
+"""Uvicorn's httptools protocol with the two guards on request heads that it lacks.
+
+Uvicorn bounds a request's body (the app reads it, app.serving) and idle keep-alive connections
+(``timeout_keep_alive``), but not the head: httptools buffers a header line of any length (a
+100 MB header grows the worker by 190 MB), and a connection that sends half a request line and
+then nothing, or nothing at all, is kept open forever. :class:`GuardedHttpToolsProtocol` adds:
+
+* ``max_head_bytes``: a request head (request line and headers) larger than this is answered
+  ``431`` and the connection closed;
+* ``head_timeout``: a head must arrive within this many seconds of the connection opening or
+  of the previous response; else ``408`` and the connection is closed.
+
+``python -m app`` (the launcher) serves with it; see :func:`guarded_protocol`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+__all__ = ["GuardedHttpToolsProtocol", "guarded_protocol"]
+
+_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    max_head_bytes = 64 * 1024
+    head_timeout = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = True  # waiting for, or reading, a request head
+        self._head_bytes = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        in_head_before = self._in_head
+        super().data_received(data)
+        # Only chunks that began and ended inside a head count: a chunk that also carries a body
+        # (or a previous request's end) is not a head's growth. The bound is max_head_bytes plus
+        # one read.
+        if in_head_before and self._in_head and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_head_bytes:
+                self._refuse(431, f"request head over {self.max_head_bytes} bytes")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head_bytes = 0
+        if self._head_timer is None:
+            self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._disarm()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # Keep-alive: the next head is timed from here (uvicorn's own keep-alive timeout, which
+        # is shorter, closes an idle connection first; this one covers a head that starts and stalls).
+        self._in_head = True
+        self._head_bytes = 0
+        if not self.transport.is_closing():
+            self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._in_head and not self.transport.is_closing():
+            self._refuse(408, f"request head not received within {self.head_timeout:g} s")
+
+    def _refuse(self, status: int, message: str) -> None:
+        self._disarm()
+        body = message.encode("ascii")
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (status, _REASONS[status], len(body), body)
+        )
+        self.transport.close()
+
+
+def guarded_protocol(max_head_bytes: int, head_timeout: float) -> type[GuardedHttpToolsProtocol]:
+    """The protocol class with these limits, for ``uvicorn.Config(http=...)``."""
+    return type(
+        "GuardedHttpToolsProtocol",
+        (GuardedHttpToolsProtocol,),
+        {"max_head_bytes": max_head_bytes, "head_timeout": head_timeout},
+    )

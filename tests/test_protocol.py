@@ -1,0 +1,77 @@
+"""The guarded HTTP protocol: request heads are bounded in size and time, bodies and keep-alive unaffected."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+
+from app.config import Settings
+from app.main import create_app
+from app.protocol import guarded_protocol
+
+
+@pytest.fixture
+def port(models_dir: Path) -> Iterator[int]:
+    app = create_app(Settings(model_dir=models_dir, reload_interval=0, access_log=False))
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, http=guarded_protocol(16 * 1024, 1.0), log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield server.servers[0].sockets[0].getsockname()[1]
+    server.should_exit = True
+    thread.join(30)
+
+
+def _answer(sock: socket.socket) -> bytes:
+    sock.settimeout(10)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_a_head_over_the_limit_is_431_and_closed(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+        with pytest.raises(OSError):  # the server closes the connection while we still send
+            for _ in range(100):
+                sock.sendall(b"a" * 10_000)
+                time.sleep(0.001)
+        answer = _answer(sock)
+    assert answer.startswith(b"HTTP/1.1 431")
+    assert b"request head over 16384 bytes" in answer
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /predict HTTP/1.1\r\nHo"])
+def test_a_head_that_does_not_arrive_in_time_is_408_and_closed(port: int, sent: bytes) -> None:
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(sent)
+        answer = _answer(sock)
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert b"request head not received within 1 s" in answer
+    assert 0.9 < time.monotonic() - started < 5
+
+
+def test_bodies_and_keep_alive_are_not_heads(port: int) -> None:
+    base = f"http://127.0.0.1:{port}"
+    batch = np.zeros((2000, 784), np.uint8).tobytes()  # 1.5 MB: far over the head limit
+    with httpx.Client(base_url=base, timeout=30) as client:
+        for _ in range(3):  # one connection, three requests, with pauses shorter than the head timeout
+            response = client.post("/predict", content=batch, headers={"content-type": "application/octet-stream"})
+            assert response.status_code == 200
+            time.sleep(0.5)
+        big_header = client.post("/predict", json={"pixels": [0.0] * 784}, headers={"x-pad": "a" * 8000})
+        assert big_header.status_code == 200  # within the limit
