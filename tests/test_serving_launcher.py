@@ -205,7 +205,7 @@ SOURCE_SHA256 = {  # of inspect.getsource(Multiprocess.<name>) in uvicorn 0.54.0
     "restart_all": "438dec6d95be9fcdfdaf6ea8d2d6fd98f186c3645d94ce59c43de3bcdb148d25",
     "keep_subprocess_alive": "3ba4980aa33bcecdf3d0a725ca9c4e8d92238f72d239e522120ad6e05147fd59",
 }
-USED_SIGNATURES = {
+USED_SIGNATURES: dict[tuple[type, str], str] = {
     (multiprocess.Multiprocess, "__init__"): "(self, config: 'Config', sockets: 'list[socket]') -> 'None'",
     (multiprocess.Process, "__init__"): "(self, config: 'Config', sockets: 'list[socket]') -> 'None'",
     (multiprocess.Process, "start"): "(self) -> 'None'",
@@ -238,7 +238,7 @@ def test_overridden_uvicorn_methods_are_unchanged(name: str) -> None:
     )
 
 
-@pytest.mark.parametrize(("owner", "name"), sorted(USED_SIGNATURES, key=lambda key: (key[0].__name__, key[1])))
+@pytest.mark.parametrize(("owner", "name"), sorted(USED_SIGNATURES, key=repr))
 def test_uvicorn_methods_the_supervisor_calls_are_unchanged(owner: type, name: str) -> None:
     signature = str(inspect.signature(getattr(owner, name)))
     assert signature == USED_SIGNATURES[owner, name], f"uvicorn {uvicorn.__version__}: {owner.__name__}.{name}"
