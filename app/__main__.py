@@ -103,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _source(loc: tuple[int | str, ...]) -> str:
+    """Where a bad setting came from: its option and variable, or its variable alone."""
+    if not loc:
+        return "settings"
+    field = str(loc[0])
+    return f"--{field.replace('_', '-')} / {_env_name(field)}" if field in _OPTIONS else _env_name(field)
+
+
 def _settings_from(argv: Sequence[str] | None) -> Settings:
     """Options -> ``MNIST_*`` variables (which spawned workers inherit), then validated settings."""
     parser = build_parser()
@@ -115,11 +123,7 @@ def _settings_from(argv: Sequence[str] | None) -> Settings:
     try:
         return get_settings()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{_env_name(str(error['loc'][0])) if error['loc'] else 'settings'}: {error['msg']}"
-            for error in exc.errors()
-        )
-        parser.error(problems)
+        parser.error("; ".join(f"{_source(error['loc'])}: {error['msg']}" for error in exc.errors()))
     except ValueError as exc:  # pick_device: a device that this machine does not have
         parser.error(str(exc))
 
