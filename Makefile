@@ -9,11 +9,12 @@ BIN := $(VENV)/bin
 # Extra pip arguments, e.g. PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" for CPU-only torch.
 PIP_ARGS ?=
 
-.PHONY: serve test lint typecheck pytest train evaluate bench bench-check bench-peers bench-train clean help
+.PHONY: serve test lint typecheck pytest test-container train evaluate bench bench-check bench-peers bench-train clean help
 
 help:
 	@echo "make serve   set up and start the service on http://127.0.0.1:8000 (the bundled model)"
-	@echo "make test    set up and run ruff, mypy and the whole test suite"
+	@echo "make test    set up and run ruff, mypy and the whole test suite (container suite included)"
+	@echo "make test-container   only the container suite: build the image, run it (docs/deploy.md)"
 	@echo "make train   retrain with the default recipe (DATA_DIR=../shared/data) and publish"
 	@echo "make bench   the HTTP benchmark: the service against its peers (docs/performance.md)"
 
@@ -48,6 +49,12 @@ pytest: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# tests/container builds the image and runs it with Podman or Docker (skips without a working
+# engine). Leave it out of a run with PYTEST_ARGS='-m "not container"'.
+test-container: $(VENV)/.installed-dev
+	bash scripts/test-deps.sh
+	$(BIN)/python -m pytest -m container $(PYTEST_ARGS)
 
 DATA_DIR ?= ../shared/data
 train: $(VENV)/.installed-train
