@@ -194,6 +194,8 @@ class _Metrics:
             ["result"],
             registry=self.registry,
         )
+        for result in ("success", "failure"):
+            self.reloads.labels(result)  # exposed at 0 from the start, so that rate() sees the first one
         self.batch_size = Histogram(
             "mnist_inference_batch_size",
             "Images per model forward pass (observed by the micro-batcher)",
