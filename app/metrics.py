@@ -24,6 +24,8 @@ Metrics (names as exposed):
   0 for a version no longer served (a gauge: prometheus-client's ``Info`` has no multiprocess mode).
 * ``mnist_model_reloads_total{result}``: ``success`` (a new version swapped in) or ``failure``
   (a candidate rejected, the old model kept serving).
+* ``mnist_model_fallbacks_total``: worker starts that served the last good (or newest passing)
+  version because ``CURRENT`` was missing, unreadable or refused (``/model`` says why).
 * ``mnist_inference_batch_size``: images per forward pass, observed by the micro-batcher.
 """
 
@@ -45,6 +47,7 @@ from app.workers import default_runtime_dir, pid_alive
 
 __all__ = [
     "PredictionCounter",
+    "model_fallback",
     "model_swapped",
     "model_unloaded",
     "observe_batch",
@@ -196,6 +199,11 @@ class _Metrics:
         )
         for result in ("success", "failure"):
             self.reloads.labels(result)  # exposed at 0 from the start, so that rate() sees the first one
+        self.fallbacks = Counter(
+            "mnist_model_fallbacks",
+            "Worker starts that served the last good version because CURRENT could not be served",
+            registry=self.registry,
+        )
         self.batch_size = Histogram(
             "mnist_inference_batch_size",
             "Images per model forward pass (observed by the micro-batcher)",
@@ -249,6 +257,11 @@ def model_swapped(previous: str | None, version: str) -> None:
 
 def reload_failed() -> None:
     (_metrics or _get()).reloads.labels("failure").inc()
+
+
+def model_fallback() -> None:
+    """A worker started on a fallback version: ``CURRENT`` was missing, unreadable or refused."""
+    (_metrics or _get()).fallbacks.inc()
 
 
 def model_unloaded(version: str | None) -> None:

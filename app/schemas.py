@@ -74,6 +74,12 @@ class ModelInfo(BaseModel):
     loaded_at: str
     pid: int
     last_reload_error: dict[str, str] | None
+    problem: dict[str, str] | None = Field(
+        None,
+        description="why this worker does not serve the version CURRENT names: the file at fault, the error, "
+        "and what it serves instead (the last good version); null when it serves CURRENT",
+    )
+    last_good_version: str | None = Field(None, description="the version LAST_GOOD names (a fallback at startup)")
     workers: list[dict[str, Any]]
     available_versions: list[str]
 
@@ -81,11 +87,19 @@ class ModelInfo(BaseModel):
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: str | None = Field(
-        None, description="a stored version to activate (also a rollback); omitted: the CURRENT pointer"
+        None, description="a stored version to make current for every worker; omitted: reload what CURRENT names"
+    )
+    previous: bool = Field(
+        False, description="roll back: make current the version before the current one (as `mnist-publish --previous`)"
     )
 
 
 class ReloadResponse(BaseModel):
-    version: str
-    previous: str | None
+    version: str = Field(..., description="the version this worker now serves")
+    previous: str | None = Field(..., description="the version it served before")
     pid: int
+    workers_total: int = Field(..., description="live workers of this server")
+    workers_serving: int = Field(
+        ..., description="how many of them serve `version` when the answer is sent (the others follow the pointer)"
+    )
+    note: str | None = Field(None, description="how the version was chosen, for a rollback")

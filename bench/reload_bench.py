@@ -30,7 +30,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.registry import load_model, read_pointer, save_checkpoint, version_path, write_pointer  # noqa: E402
+from app.registry import (  # noqa: E402
+    canary_gate,
+    current_checkpoint,
+    load_model,
+    publish,
+    save_checkpoint,
+    write_pointer,
+)
 
 SEVEN_PNG = (ROOT / "tests" / "fixtures" / "seven.png").read_bytes()
 
@@ -60,7 +67,7 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    bundled = version_path(ROOT / "models", str(read_pointer(ROOT / "models")))
+    bundled = current_checkpoint(ROOT / "models")
     with tempfile.TemporaryDirectory(prefix="reload-bench-") as tmp:
         models_dir = Path(tmp) / "models"
         models_dir.mkdir()
@@ -102,8 +109,8 @@ def main() -> int:
                     # Publish at a random phase of the watchers' polling cycle.
                     version = _store_variant(models_dir, bundled, index)
                     time.sleep(interval * (0.3 + 0.7 * ((index * 0.618) % 1.0)))
+                    publish(models_dir, version, canary_gate())  # validated, then CURRENT moves last
                     started = time.perf_counter()
-                    write_pointer(models_dir, version)  # the publish: one atomic rename
                     while True:
                         workers = client.get("/model").json()["workers"]
                         if len(workers) == args.workers and all(w["version"] == version for w in workers):

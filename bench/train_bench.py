@@ -36,8 +36,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision.transforms import ToTensor  # noqa: E402
 
 import training  # noqa: E402, F401 - sets the OpenMP wait policy before torch loads, for both trainers
-from app.config import pick_device  # noqa: E402
-from app.registry import MLP  # noqa: E402
+from app.registry import MLP, pick_device  # noqa: E402
 from training.data import load_mnist, mnist_dataset  # noqa: E402
 from training.train import DEFAULT_SEED, evaluate, fit_epochs, make_optimizer  # noqa: E402
 

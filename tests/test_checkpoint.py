@@ -1,5 +1,8 @@
+import json
 import os
 import pickle
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -8,6 +11,8 @@ import torch
 
 from app.registry import (
     FORMAT,
+    MAX_FILE_BYTES,
+    MAX_HIDDEN,
     MLP,
     CheckpointError,
     list_versions,
@@ -18,6 +23,8 @@ from app.registry import (
     weights_sha256,
     write_pointer,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _saved(tmp_path: Path, **meta: object) -> tuple[MLP, Path]:
@@ -192,16 +199,138 @@ def test_exotic_tensors_and_non_json_meta_are_refused(tmp_path: Path) -> None:
         load_model(path)
 
 
-def test_huge_model_args_are_refused_before_allocating(tmp_path: Path) -> None:
-    """A tiny file claiming a 65536-wide network fails on shapes, without building that network."""
-    path = tmp_path / "huge.pt"
+def test_model_args_are_checked_before_anything_is_built(tmp_path: Path) -> None:
+    """784 in, 10 out and a bounded hidden size, from model_args alone: the tensors are never looked at."""
+    path = tmp_path / "args.pt"
     tiny = {"lin_1.weight": torch.zeros(1, 1), "lin_1.bias": torch.zeros(1), "lin_2.weight": torch.zeros(1, 1),
             "lin_2.bias": torch.zeros(1)}  # fmt: skip
-    args = {"in_features": 65536, "hidden": 65536, "num_classes": 4096}
-    torch.save({"format": FORMAT, "state_dict": tiny, "model_args": args, "meta": {}}, path)
+    cases = [
+        ({"in_features": 65536, "hidden": 65536, "num_classes": 4096}, "do not take 784 pixels to 10 classes"),
+        ({"in_features": 784, "hidden": 256, "num_classes": 11}, "do not take 784 pixels to 10 classes"),
+        ({"in_features": 784, "hidden": MAX_HIDDEN + 1, "num_classes": 10}, f"hidden={MAX_HIDDEN + 1} must be"),
+        ({"hidden": True}, "hidden=True must be an integer"),
+        ({"hidden": 256, "layers": 3}, "unknown model argument 'layers'"),
+    ]
+    for args, reason in cases:
+        torch.save({"format": FORMAT, "state_dict": tiny, "model_args": args, "meta": {}}, path)
+        assert path.stat().st_size < 5000
+        with pytest.raises(CheckpointError, match=reason):
+            load_checkpoint(path)
+
+
+def _expanded_state(hidden: int, in_features: int = 784) -> dict[str, torch.Tensor]:
+    """Full-shape parameters that are stride-0 views of one element: a few bytes on disk each."""
+    return {
+        "lin_1.weight": torch.zeros(1).expand(hidden, in_features),
+        "lin_1.bias": torch.zeros(1).expand(hidden),
+        "lin_2.weight": torch.zeros(1).expand(10, hidden),
+        "lin_2.bias": torch.zeros(10),
+    }
+
+
+def test_expanded_and_oversized_storage_tensors_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "expanded.pt"
+    torch.save({"format": FORMAT, "state_dict": _expanded_state(256), "model_args": {"hidden": 256}, "meta": {}}, path)
     assert path.stat().st_size < 5000
-    with pytest.raises(CheckpointError, match=r"wrong shape for lin_1.weight: expected \[65536, 65536\]"):
+    with pytest.raises(CheckpointError, match=r"lin_1.weight is not a contiguous tensor.*stride \[0, 0\]"):
         load_model(path)
+    # A view into a bigger storage: the extra bytes are refused as well (saved parameters never share).
+    model = MLP()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state["lin_2.bias"] = torch.zeros(20)[:10]
+    torch.save({"format": FORMAT, "state_dict": state, "model_args": model.model_args(), "meta": {}}, path)
+    with pytest.raises(CheckpointError, match="lin_2.bias is not a contiguous tensor in a storage of its own size"):
+        load_model(path)
+
+
+def test_oversized_and_compressed_files_are_refused_unread(tmp_path: Path) -> None:
+    big = tmp_path / "big.pt"
+    with big.open("wb") as fh:
+        fh.write(b"PK\x03\x04")
+        fh.truncate(MAX_FILE_BYTES + 1)  # sparse: nothing is written, and nothing may be read
+    with pytest.raises(CheckpointError, match="over the .*-byte limit"):
+        load_model(big)
+    _, path = _saved(tmp_path)
+    deflated = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    with pytest.raises(CheckpointError, match="compressed records"):
+        load_model(deflated)
+
+
+_PEAK_RSS_SCRIPT = """
+import json, sys
+from pathlib import Path
+from app.registry import CheckpointError, load_model, validate_candidate
+import torch
+
+def peak_kb():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
+load_model(sys.argv[1])  # warm up: lazy imports and allocator pools are not the crafted file's doing
+results = []
+for path in sys.argv[2:]:
+    before = peak_kb()
+    try:
+        validate_candidate(Path(path), torch.device("cpu"), 0.9)
+        results.append({"path": path, "error": None})
+    except CheckpointError as exc:
+        results.append({"path": path, "error": exc.problem, "grew_kb": peak_kb() - before})
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak RSS from /proc")
+def test_crafted_stride0_checkpoints_are_refused_before_allocating(tmp_path: Path) -> None:
+    """~2 KB files declaring 17 GB (huge model_args) or 0.8 MB (MLP-sized) of expanded weights.
+
+    Before the checks ran on metadata first, ``isfinite``, the sha256 and the model constructor
+    each allocated the declared size (tens of GB for the first file).
+    """
+    _, good = _saved(tmp_path)
+    huge = tmp_path / "huge.pt"
+    args = {"in_features": 65536, "hidden": 65536, "num_classes": 10}
+    state = _expanded_state(65536, in_features=65536)  # 16 GB of float32 weights, as declared
+    torch.save({"format": FORMAT, "state_dict": state, "model_args": args, "meta": {"weights_sha256": "0" * 64}}, huge)
+    in_limits = tmp_path / "in-limits.pt"
+    args = {"in_features": 784, "hidden": MAX_HIDDEN, "num_classes": 10}
+    torch.save({"format": FORMAT, "state_dict": _expanded_state(MAX_HIDDEN), "model_args": args, "meta": {}}, in_limits)
+    for path in (huge, in_limits):
+        assert path.stat().st_size < 3000
+    result = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS_SCRIPT, str(good), str(huge), str(in_limits)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    huge_result, in_limits_result = json.loads(result.stdout)
+    assert "do not take 784 pixels to 10 classes" in huge_result["error"]
+    assert "lin_1.weight is not a contiguous tensor" in in_limits_result["error"]
+    for outcome in (huge_result, in_limits_result):
+        assert outcome["grew_kb"] < 50 * 1024, outcome
+
+
+def test_unreadable_files_are_transient_and_refused_files_are_not(tmp_path: Path) -> None:
+    """A file that cannot be read now (here a symlink loop: ELOOP even for root) is worth a retry."""
+    loop = tmp_path / "loop.pt"
+    loop.symlink_to(loop)
+    with pytest.raises(CheckpointError, match="could not be read, will retry") as info:
+        load_model(loop)
+    assert info.value.transient
+    for refused in (tmp_path / "missing.pt", tmp_path):
+        with pytest.raises(CheckpointError) as info:
+            load_model(refused)
+        assert not info.value.transient
+    _, path = _saved(tmp_path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as info:
+        load_model(path)
+    assert not info.value.transient
 
 
 def test_version_names_are_checked_whole() -> None:

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
-from app.registry import read_pointer
+from app.registry import read_last_good, read_pointer
 from app.store import ModelStore, ReloadError
 from tests.helpers import publish_variant, write_bad_version
 
@@ -69,22 +69,22 @@ def test_poll_swaps_to_a_valid_new_version(store: ModelStore, models_dir: Path, 
     assert store.reloads["success"] == 1
 
 
-def test_explicit_reload_with_publish_moves_the_pointer(
-    store: ModelStore, models_dir: Path, bundled_checkpoint: Path
-) -> None:
+def test_explicit_publish_moves_both_pointers(store: ModelStore, models_dir: Path, bundled_checkpoint: Path) -> None:
     first = store.serving_version
     second = publish_variant(models_dir, bundled_checkpoint, seed=2, publish=False)
-    served = asyncio.run(store.reload(second, publish=True))
+    served = asyncio.run(store.publish(second))
     assert served.version == second
     assert read_pointer(models_dir) == second
-    asyncio.run(store.reload(first, publish=True))  # rollback
+    assert read_last_good(models_dir) == second
+    asyncio.run(store.publish(str(first)))  # rollback
     assert store.serving_version == first
     assert read_pointer(models_dir) == first
+    assert read_last_good(models_dir) == first
     with pytest.raises(ValueError, match="invalid model version"):
         asyncio.run(store.reload("../etc/passwd"))
 
 
-def test_failed_explicit_reload_raises_and_keeps_the_pointer(
+def test_failed_publish_raises_and_keeps_the_pointer(
     store: ModelStore, models_dir: Path, bundled_checkpoint: Path
 ) -> None:
     current = store.serving_version
@@ -93,7 +93,7 @@ def test_failed_explicit_reload_raises_and_keeps_the_pointer(
 
     write_pointer(models_dir, str(current))
     with pytest.raises(ReloadError, match="NaN"):
-        asyncio.run(store.reload("v901-nan", publish=True))
+        asyncio.run(store.publish("v901-nan"))
     assert read_pointer(models_dir) == current
     assert store.serving_version == current
 

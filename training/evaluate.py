@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 
-from app.config import default_models_dir
-from app.registry import MLP, Checkpoint, CheckpointError, load_model, read_pointer, version_path
+from app.registry import MLP, Checkpoint, CheckpointError, current_checkpoint, default_models_dir, load_model
 from training import missing_extra
 from training.data import DataUnavailableError, MnistTensors, default_data_dir, load_mnist
 
@@ -80,21 +79,24 @@ def plot_report(ckpt: Checkpoint, cm: torch.Tensor, accuracy: float, out: Path) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", nargs="?", type=Path, help="checkpoint file (default: the current version)")
-    parser.add_argument("--models-dir", type=Path, default=default_models_dir())
-    parser.add_argument("--data-dir", type=Path, default=default_data_dir())
+    parser = argparse.ArgumentParser(
+        prog="python -m training.evaluate",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("checkpoint", nargs="?", type=Path, help="checkpoint file; unset: the version CURRENT names")
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=default_models_dir(),
+        help="folder whose CURRENT is evaluated when no checkpoint is given ($MNIST_MODEL_DIR when set)",
+    )
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir(), help="MNIST root holding MNIST/raw")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG report")
     args = parser.parse_args(argv)
 
-    path = args.checkpoint
-    if path is None:
-        current = read_pointer(args.models_dir)
-        if current is None:
-            print(f"error: no checkpoint given and no CURRENT pointer in {args.models_dir}", file=sys.stderr)
-            return 1
-        path = version_path(args.models_dir, current)
     try:
+        path = args.checkpoint if args.checkpoint is not None else current_checkpoint(args.models_dir)
         model, ckpt = load_model(path)
         test = load_mnist(args.data_dir, train=False)
     except (CheckpointError, DataUnavailableError) as exc:

@@ -28,10 +28,17 @@ try:
 except ModuleNotFoundError as exc:
     raise missing_extra(exc) from None
 
-from app.config import default_models_dir, pick_device
-from app.registry import MLP, CheckpointError, save_checkpoint
+from app.registry import (
+    MLP,
+    CheckpointError,
+    canary_gate,
+    default_min_accuracy,
+    default_models_dir,
+    pick_device,
+    publish,
+    save_checkpoint,
+)
 from training.data import DataUnavailableError, MnistTensors, default_data_dir, load_mnist
-from training.publish import publish
 
 __all__ = ["DEFAULT_SEED", "evaluate", "fit", "fit_epochs", "main", "make_optimizer", "train_epoch"]
 
@@ -198,24 +205,28 @@ def _positive(kind: type[int] | type[float]) -> Any:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--data-dir", type=Path, default=default_data_dir(), help="MNIST root holding MNIST/raw (default: %(default)s)"
+    parser = argparse.ArgumentParser(
+        prog="python -m training.train",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir(), help="MNIST root holding MNIST/raw")
     parser.add_argument(
         "--models-dir",
         type=Path,
         default=default_models_dir(),
-        help="where versions are written (default: %(default)s)",
+        help="where versions are written and published ($MNIST_MODEL_DIR when set)",
     )
-    parser.add_argument("--epochs", type=_positive(int), default=10)
-    parser.add_argument("--batch-size", type=_positive(int), default=256)
-    parser.add_argument("--lr", type=_positive(float), default=1e-3)
+    parser.add_argument("--epochs", type=_positive(int), default=10, help="passes over the training set")
+    parser.add_argument("--batch-size", type=_positive(int), default=256, help="images per optimizer step")
+    parser.add_argument("--lr", type=_positive(float), default=1e-3, help="Adam learning rate")
     # The recipe lands between 97.8 % and 98.0 % test accuracy depending on the seed (a sweep of
     # seeds 0-14 and 42 is in the README); the default is a seed from that sweep that reaches 98.0 %.
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed for the initial weights and shuffling")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
-    parser.add_argument("--limit", type=_positive(int), default=None, help="train on the first N training images only")
+    parser.add_argument(
+        "--limit", type=_positive(int), default=None, help="train on the first N training images only; unset: all"
+    )
     parser.add_argument("--no-publish", action="store_true", help="store the new version without making it current")
     parser.add_argument("--no-progress", action="store_true", help="hide the per-batch progress bar")
     parser.add_argument("--dry-run", action="store_true", help="one epoch of a few batches, nothing written")
@@ -225,6 +236,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     device = pick_device(args.device)
+    try:
+        min_accuracy = default_min_accuracy()  # the publish gate's, checked before an hour of training
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         train = load_mnist(args.data_dir, train=True, limit=args.limit)
         test = load_mnist(args.data_dir, train=False)
@@ -270,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"not published (--no-publish); activate with: python -m training.publish {path.stem}")
         return 0
     try:
-        publish(args.models_dir, path.stem)
+        publish(args.models_dir, path.stem, canary_gate(min_accuracy))
     except CheckpointError as exc:
         print(f"error: not published, the new version failed validation: {exc.problem}", file=sys.stderr)
         return 1

@@ -3,32 +3,59 @@
 * :mod:`~app.registry.model`: the MLP, the one definition of the network;
 * :mod:`~app.registry.checkpoint`: the file format (atomic save, safe load, structural checks);
 * :mod:`~app.registry.canary`: the behaviour gate a model passes before it may serve;
-* :mod:`~app.registry.versions`: the versions folder and its ``CURRENT`` pointer.
+* :mod:`~app.registry.versions`: the versions folder, ``CURRENT`` and ``LAST_GOOD``, publish
+  and rollback.
 
-It imports nothing else of ``app``, so ``training/`` can use it without the HTTP service.
+It imports nothing else of ``app``, so ``training/`` uses it without the HTTP service.
 """
 
-from app.registry.canary import CANARY_PATH, Canary, CanaryFailure, load_canary, validate_candidate
+from app.registry.canary import (
+    CANARY_PATH,
+    DEFAULT_MIN_ACCURACY,
+    Canary,
+    CanaryFailure,
+    canary_gate,
+    default_min_accuracy,
+    load_canary,
+    validate_candidate,
+)
 from app.registry.checkpoint import (
     FORMAT,
+    IN_FEATURES,
     INPUT_CONVENTION,
+    MAX_FILE_BYTES,
+    MAX_HIDDEN,
+    NUM_CLASSES,
     Checkpoint,
     CheckpointError,
     atomic_write,
     build_model,
+    expected_shapes,
     load_checkpoint,
     load_model,
     new_version_id,
     weights_sha256,
     write_checkpoint,
 )
-from app.registry.model import MLP
+from app.registry.model import MLP, pick_device
 from app.registry.versions import (
+    LAST_GOOD_NAME,
     POINTER_NAME,
     SUFFIX,
+    FolderState,
+    PointerError,
+    Rollback,
     check_version,
+    current_checkpoint,
+    default_models_dir,
+    inspect_folder,
     list_versions,
+    publish,
+    read_last_good,
     read_pointer,
+    record_last_good,
+    rollback,
+    rollback_target,
     save_checkpoint,
     version_path,
     write_pointer,
@@ -36,24 +63,45 @@ from app.registry.versions import (
 
 __all__ = [
     "CANARY_PATH",
+    "DEFAULT_MIN_ACCURACY",
     "FORMAT",
     "INPUT_CONVENTION",
+    "IN_FEATURES",
+    "LAST_GOOD_NAME",
+    "MAX_FILE_BYTES",
+    "MAX_HIDDEN",
     "MLP",
+    "NUM_CLASSES",
     "POINTER_NAME",
     "SUFFIX",
     "Canary",
     "CanaryFailure",
     "Checkpoint",
     "CheckpointError",
+    "FolderState",
+    "PointerError",
+    "Rollback",
     "atomic_write",
     "build_model",
+    "canary_gate",
     "check_version",
+    "current_checkpoint",
+    "default_min_accuracy",
+    "default_models_dir",
+    "expected_shapes",
+    "inspect_folder",
     "list_versions",
     "load_canary",
     "load_checkpoint",
     "load_model",
     "new_version_id",
+    "pick_device",
+    "publish",
+    "read_last_good",
     "read_pointer",
+    "record_last_good",
+    "rollback",
+    "rollback_target",
     "save_checkpoint",
     "validate_candidate",
     "version_path",

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import pickle
+import stat
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
@@ -31,10 +32,16 @@ from app.registry.model import MLP
 __all__ = [
     "FORMAT",
     "INPUT_CONVENTION",
+    "IN_FEATURES",
+    "MAX_FILE_BYTES",
+    "MAX_HIDDEN",
+    "NUM_CLASSES",
+    "OUT_OF_MEMORY",
     "Checkpoint",
     "CheckpointError",
     "atomic_write",
     "build_model",
+    "expected_shapes",
     "load_checkpoint",
     "load_model",
     "new_version_id",
@@ -43,8 +50,16 @@ __all__ = [
 ]
 
 FORMAT = "mnist-mlp/1"
-# A crafted file must not make us allocate a huge model before the shape checks reject it.
-_ARG_LIMITS = {"in_features": 1 << 16, "hidden": 1 << 16, "num_classes": 1 << 12}
+# The service classifies 28x28 digits into 10 classes: any other input or output size is refused
+# from ``model_args`` alone, before anything is built.
+IN_FEATURES = 784
+NUM_CLASSES = 10
+_ARG_DEFAULTS = {"in_features": IN_FEATURES, "hidden": 256, "num_classes": NUM_CLASSES}
+# A crafted file must not make us allocate a huge model: 4096 hidden units is 16x the recipe's
+# and ~13 MB of float32 weights.
+MAX_HIDDEN = 4096
+# The largest file a checkpoint can be: float64 weights at MAX_HIDDEN are ~26 MB, plus metadata.
+MAX_FILE_BYTES = 64 * 1024 * 1024
 
 INPUT_CONVENTION: dict[str, Any] = {
     "shape": [784],
@@ -56,11 +71,16 @@ INPUT_CONVENTION: dict[str, Any] = {
 
 
 class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message names the file and the problem."""
+    """A checkpoint that cannot be used; the message names the file and the problem.
 
-    def __init__(self, path: Path | str, problem: str) -> None:
+    ``transient`` marks a failure to *read* the file (an I/O or memory error), as opposed to a
+    file that was read and refused: only the second kind is worth remembering as a rejection.
+    """
+
+    def __init__(self, path: Path | str, problem: str, transient: bool = False) -> None:
         self.path = Path(path)
         self.problem = problem
+        self.transient = transient
         super().__init__(f"{self.path}: {problem}")
 
 
@@ -149,25 +169,138 @@ def _describe_load_failure(path: Path, exc: BaseException) -> str:
             "refused by the safe loader (weights_only=True): the file holds Python objects other "
             "than tensors and plain data, so it may have been crafted to run code; it was not executed"
         )
-    with path.open("rb") as fh:
-        starts_like_zip = fh.read(4) == b"PK\x03\x04"  # torch.save files are zip archives
-    if (
-        (starts_like_zip and not zipfile.is_zipfile(path))
-        or isinstance(exc, (EOFError, zipfile.BadZipFile))
-        or "central directory" in text
-        or "zip archive" in text
-    ):
+    if isinstance(exc, (EOFError, zipfile.BadZipFile)) or "central directory" in text or "zip archive" in text:
         return f"truncated or corrupt checkpoint file ({text})"
     return f"not a readable PyTorch checkpoint ({type(exc).__name__}: {text[:200]})"
 
 
-def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read and structurally validate a checkpoint; raises :class:`CheckpointError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(path, "no such checkpoint file")
+# Out of memory, from Python or from torch's allocator (torch.OutOfMemoryError since torch 2.5).
+OUT_OF_MEMORY: tuple[type[BaseException], ...] = (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))
+_READ_ERRORS: tuple[type[BaseException], ...] = (OSError, *OUT_OF_MEMORY)
+
+
+def _unavailable(path: Path, exc: BaseException) -> CheckpointError:
+    """The error for a file that could not be read *this time* (I/O or memory), worth retrying."""
+    what = "out of memory" if isinstance(exc, OUT_OF_MEMORY) else f"{type(exc).__name__}: {exc}"
+    return CheckpointError(path, f"could not be read, will retry ({what})", transient=True)
+
+
+def _check_container(path: Path) -> None:
+    """Size and zip layout, from the file's size and its central directory only.
+
+    ``torch.save`` writes a zip archive of uncompressed records: a file that is bigger than any
+    checkpoint we write, not a zip, or holds a compressed record (which could inflate to any size
+    inside ``torch.load``) is refused before the loader reads it.
+    """
     try:
-        raw = torch.load(path, map_location=map_location, weights_only=True)
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise CheckpointError(path, "no such checkpoint file") from None
+    except OSError as exc:
+        raise _unavailable(path, exc) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(path, "not a regular file")
+    size = info.st_size
+    if size > MAX_FILE_BYTES:
+        raise CheckpointError(path, f"file of {size} bytes is over the {MAX_FILE_BYTES}-byte limit for a checkpoint")
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+            if magic != b"PK\x03\x04":
+                raise CheckpointError(
+                    path,
+                    "truncated or corrupt checkpoint file (empty)"
+                    if not magic
+                    else "not a PyTorch checkpoint (torch.save writes zip archives; this file is not one)",
+                )
+            with zipfile.ZipFile(fh) as archive:
+                compressed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
+    except (FileNotFoundError, NotADirectoryError):
+        raise CheckpointError(path, "no such checkpoint file") from None
+    except (zipfile.BadZipFile, EOFError, ValueError) as exc:
+        raise CheckpointError(path, _describe_load_failure(path, zipfile.BadZipFile(str(exc)))) from None
+    except _READ_ERRORS as exc:
+        raise _unavailable(path, exc) from None
+    if compressed:
+        raise CheckpointError(path, f"compressed records {compressed[:3]}: torch.save never compresses")
+
+
+def expected_shapes(model_args: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of ``MLP(**model_args)``, from a model on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = MLP(**model_args, init=False)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def _check_model_args(path: Path, model_args: dict[Any, Any]) -> dict[str, int]:
+    for name, value in model_args.items():
+        if name not in _ARG_DEFAULTS:
+            raise CheckpointError(path, f"unknown model argument {name!r}")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise CheckpointError(path, f"model argument {name}={value!r} must be an integer")
+    args = {**_ARG_DEFAULTS, **model_args}
+    if args["in_features"] != IN_FEATURES or args["num_classes"] != NUM_CLASSES:
+        raise CheckpointError(
+            path,
+            f"model_args {model_args} do not take {IN_FEATURES} pixels to {NUM_CLASSES} classes "
+            f"(in_features={args['in_features']}, num_classes={args['num_classes']})",
+        )
+    if not 0 < args["hidden"] <= MAX_HIDDEN:
+        raise CheckpointError(path, f"model argument hidden={args['hidden']!r} must be an integer in 1..{MAX_HIDDEN}")
+    return dict(model_args)
+
+
+def _check_tensors(path: Path, state_dict: dict[str, torch.Tensor], model_args: Mapping[str, int]) -> None:
+    """Layout, keys, shapes and storage: metadata only, nothing proportional to the declared sizes."""
+    for name, tensor in state_dict.items():
+        # Sparse, quantized or meta tensors would fail later in surprising ways: refuse them here.
+        if tensor.layout is not torch.strided or tensor.device.type != "cpu" or tensor.is_quantized:
+            raise CheckpointError(path, f"{name} is not a dense CPU tensor ({tensor.layout}, {tensor.device})")
+    expected = expected_shapes(model_args)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            path, f"state_dict keys do not match the model: missing {missing}, unexpected {unexpected}"
+        )
+    for name, shape in expected.items():
+        got = state_dict[name]
+        if tuple(got.shape) != shape:
+            raise CheckpointError(
+                path,
+                f"wrong shape for {name}: expected {list(shape)} for model_args {model_args}, got {list(got.shape)}",
+            )
+        if not got.is_floating_point():
+            raise CheckpointError(path, f"{name} has dtype {got.dtype}; floating-point weights expected")
+        # A stride-0 (expanded) or overlapping view claims far more elements than its storage
+        # holds: anything that reads it element by element (isfinite, a copy) would allocate
+        # the claimed size. Saved parameters are contiguous, each in a storage of its own.
+        needed = got.numel() * got.element_size()
+        if not got.is_contiguous() or got.storage_offset() != 0 or got.untyped_storage().nbytes() != needed:
+            raise CheckpointError(
+                path,
+                f"{name} is not a contiguous tensor in a storage of its own size (stride {list(got.stride())}, "
+                f"storage {got.untyped_storage().nbytes()} bytes for {needed}): saved parameters always are",
+            )
+
+
+def load_checkpoint(path: Path | str) -> Checkpoint:
+    """Read and structurally validate a checkpoint; raises :class:`CheckpointError`.
+
+    Every check that bounds the work comes first: the file's size and zip layout before the
+    loader reads it; then the architecture (784 in, 10 out, a bounded hidden size) and each
+    tensor's keys, shape and storage, all from metadata. Only then may later steps (finite
+    weights, the sha256, building the model) touch the values. An I/O or memory error is raised
+    as a *transient* :class:`CheckpointError`: the file may well be fine on the next attempt.
+    """
+    path = Path(path)
+    _check_container(path)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, NotADirectoryError):
+        raise CheckpointError(path, "no such checkpoint file") from None
+    except _READ_ERRORS as exc:
+        raise _unavailable(path, exc) from None
     except Exception as exc:  # torch raises a zoo of types for bad files; all mean "unusable"
         raise CheckpointError(path, _describe_load_failure(path, exc)) from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
@@ -178,56 +311,34 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
     ):
         raise CheckpointError(path, "'state_dict' must map parameter names to tensors")
-    for name, tensor in state_dict.items():
-        # Sparse, quantized or meta tensors would fail later in surprising ways: refuse them here.
-        if tensor.layout is not torch.strided or tensor.device.type != "cpu" or tensor.is_quantized:
-            raise CheckpointError(path, f"{name} is not a dense CPU tensor ({tensor.layout}, {tensor.device})")
     if not isinstance(model_args, dict) or not isinstance(meta, dict):
         raise CheckpointError(path, "'model_args' and 'meta' must be dictionaries")
+    model_args = _check_model_args(path, model_args)
+    _check_tensors(path, state_dict, model_args)
     try:
         json.dumps(meta, allow_nan=True)
     except (TypeError, ValueError):
         raise CheckpointError(path, "'meta' must hold plain JSON data (strings, numbers, lists, dicts)") from None
-    for name, value in model_args.items():
-        limit = _ARG_LIMITS.get(name)
-        if limit is None:
-            raise CheckpointError(path, f"unknown model argument {name!r}")
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
-            raise CheckpointError(path, f"model argument {name}={value!r} must be an integer in 1..{limit}")
-    version = path.stem
-    return Checkpoint(path=path, version=version, state_dict=state_dict, model_args=model_args, meta=meta)
+    return Checkpoint(path=path, version=path.stem, state_dict=state_dict, model_args=model_args, meta=meta)
 
 
 def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> MLP:
-    """Rebuild the network from the checkpoint's own arguments and load its weights strictly."""
-    # Shapes are checked on a meta-device model (no memory) before a real one is allocated, so a
-    # tiny crafted file cannot make us build a huge network from its model_args.
-    with torch.device("meta"):
-        expected = MLP(**ckpt.model_args, init=False).state_dict()
-    missing = sorted(set(expected) - set(ckpt.state_dict))
-    unexpected = sorted(set(ckpt.state_dict) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            ckpt.path, f"state_dict keys do not match the model: missing {missing}, unexpected {unexpected}"
-        )
-    for name, tensor in expected.items():
-        got = ckpt.state_dict[name]
-        if tuple(got.shape) != tuple(tensor.shape):
-            raise CheckpointError(
-                ckpt.path,
-                f"wrong shape for {name}: expected {list(tensor.shape)} for model_args "
-                f"{ckpt.model_args}, got {list(got.shape)}",
-            )
-        if not got.is_floating_point():
-            raise CheckpointError(ckpt.path, f"{name} has dtype {got.dtype}; floating-point weights expected")
-        if not bool(torch.isfinite(got).all()):
+    """Rebuild the network from the checkpoint's own arguments and load its weights strictly.
+
+    ``ckpt`` comes from :func:`load_checkpoint`, whose checks bound every size used here.
+    """
+    for name, tensor in ckpt.state_dict.items():
+        if not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(ckpt.path, f"{name} contains NaN or infinite weights")
     stored_sha = ckpt.meta.get("weights_sha256")
     if stored_sha is not None and stored_sha != weights_sha256(ckpt.state_dict):
         raise CheckpointError(ckpt.path, "weights do not match the sha256 recorded in the checkpoint (corrupted?)")
-    model = MLP(**ckpt.model_args)  # type: ignore[arg-type]  # ints, validated in load_checkpoint
-    model.load_state_dict({k: v.to(torch.float32) for k, v in ckpt.state_dict.items()}, strict=True)
-    return model.to(device).eval()
+    try:
+        model = MLP(**ckpt.model_args, init=False)
+        model.load_state_dict({k: v.to(torch.float32) for k, v in ckpt.state_dict.items()}, strict=True)
+        return model.to(device).eval()
+    except OUT_OF_MEMORY as exc:
+        raise _unavailable(ckpt.path, exc) from None
 
 
 def load_model(path: Path | str, device: str | torch.device = "cpu") -> tuple[MLP, Checkpoint]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["MLP"]
+__all__ = ["MLP", "pick_device"]
 
 
 class MLP(nn.Module):
@@ -37,3 +37,19 @@ class MLP(nn.Module):
     def model_args(self) -> dict[str, int]:
         """Constructor arguments, stored in checkpoints so a reader never guesses sizes."""
         return {"in_features": self.in_features, "hidden": self.hidden, "num_classes": self.num_classes}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; anything else is taken as a torch device name."""
+    if name != "auto":
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"device {name!r} requested but MPS is not available")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
