@@ -32,8 +32,10 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -93,21 +95,24 @@ def drive(run: Run, servers: list[Server], workload: Workload) -> None:
     """Check, then time, every server's requests for ``workload``, the servers' cells interleaved."""
     args = run.args
     active: list[tuple[Server, Request]] = []
+    # One request's time alone, per server and protocol: the check's until a c=1 cell measures it.
+    single_s: dict[tuple[str, str], float] = {}
     for server in servers:
         for req in server.requests.get(workload.name, []):
             reference = run.references.get(workload.name)
+            started = time.monotonic()
             try:
                 probs = check(server, workload, req, reference)
             except (WrongAnswer, OSError) as exc:
                 run.skip(server, workload, req.protocol, f"wrong answer: {exc}")
                 continue
+            single_s[(server.key, req.protocol)] = time.monotonic() - started
             if reference is None and server.kind == "service":
                 run.references[workload.name] = probs  # the service's answer is what peers must match
             active.append((server, req))
             if not workload.batch:
                 wrk(server, workload, req, run.body_file(req), 16, 1)  # warm-up, not recorded
     rounds: dict[tuple[str, str, int], list[Cell]] = {}
-    single_s: dict[tuple[str, str], float] = {}
     for round_ in range(1 if workload.batch else args.rounds):
         for concurrency in args.concurrency_list:
             for server, req in active:
@@ -217,6 +222,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--memory-requests", default="10000,100000", help="RSS samples after these many requests, or 'none'"
     )
+    parser.add_argument(
+        "--device",
+        help="the service's MNIST_DEVICE (default: its own, auto); for a GPU profile: --device cuda with a "
+        "--server-python whose torch has CUDA, e.g. --servers service --workloads vector,u8",
+    )
     parser.add_argument("--no-install", action="store_true", help="skip peers whose venv is not built yet")
     parser.add_argument("--install-timeout", type=float, default=1500, help="seconds per peer venv install")
     data_dir = Path(os.environ.get("MNIST_DATA_DIR", ROOT.parent / "shared" / "data"))
@@ -256,7 +266,9 @@ def _servers(
     rows: list[dict] = []
     if SERVICE in args.server_list:
         for batching in (True, False):
-            servers.append(make_service(args.server_python, args.workers, batching, workloads, logs, runtime))
+            servers.append(
+                make_service(args.server_python, args.workers, batching, workloads, logs, runtime, args.device)
+            )
     for key in PEERS:
         if key not in args.server_list:
             continue
@@ -288,18 +300,19 @@ def _row(server: Server, skipped: str | None = None) -> dict:
     }
 
 
-def _versions(server: Server, python: str) -> None:
-    if server.kind == "service":
-        info = python_info(python, ("mnist-serve",))
-        server.version = f"mnist-serve {info.get('mnist-serve', '?')}"
-        return
-    info = python_info(server.command[0], DISTRIBUTIONS.get(server.key, ()))
-    server.version = ", ".join(f"{d} {info[d]}" for d in DISTRIBUTIONS.get(server.key, ()) if d in info)
-    if server.key in ("triton", "mlserver"):  # the server's own version, as its v2 metadata says
-        status, _, body = request(server.port, "GET", "/v2")
-        if status == 200:
-            meta = json.loads(body)
-            server.version += f" ({meta.get('name', '?')} {meta.get('version', '?')})"
+def _versions(server: Server) -> None:
+    """The server's version: its distributions' (and for v2 servers, what their metadata says)."""
+    names = ("mnist-serve",) if server.kind == "service" else DISTRIBUTIONS.get(server.key, ())
+    try:
+        info = python_info(server.python, names)
+        server.version = ", ".join(f"{d} {info[d]}" for d in names if d in info)
+        if server.key in ("triton", "mlserver"):
+            status, _, body = request(server.port, "GET", "/v2")
+            if status == 200:
+                meta = json.loads(body)
+                server.version += f" ({meta.get('name', '?')} {meta.get('version', '?')})"
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        server.version = f"unknown ({type(exc).__name__})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n== starting the service and the in-venv peers", flush=True)
         with running(core):
             for server in core:
-                _versions(server, args.server_python)
+                _versions(server)
             on = next((s for s in core if s.key == "service-batch-on"), None)
             if on is not None and args.memory_list and "vector" in workloads:  # first: the growth is the service's own
                 memory = memory_run(run, on, workloads["vector"], *args.memory_list)
@@ -342,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n== {server.label} ({server.notes})", flush=True)
             try:
                 with running([server]):
-                    _versions(server, args.server_python)
+                    _versions(server)
                     for workload in workloads.values():
                         if workload.name in server.requests:
                             drive(run, [server], workload)
@@ -364,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": info["python"],
         "torch": info.get("torch", "?"),
         "workers": args.workers,
+        "device": args.device or "auto",
         "duration_s": args.duration,
         "batch_cap_s": args.batch_cap,
         "rounds": args.rounds,

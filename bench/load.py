@@ -2,6 +2,7 @@
 
 A :class:`Cell` is one server, one workload in one protocol, at one concurrency: requests,
 latency percentiles and errors (non-2xx responses plus socket errors) as wrk counted them.
+Throughput counts only the requests answered with a 2xx; latency percentiles are of all answers.
 """
 
 from __future__ import annotations
@@ -40,8 +41,13 @@ class Cell:
     ratio: float | None = None  # to the naive server at the same concurrency (bench.report)
 
     @property
+    def answered(self) -> int:
+        """Requests answered with a 2xx: a server shedding load answers fast, but predicts nothing."""
+        return self.requests - self.details.get("status", 0)
+
+    @property
     def rps(self) -> float:
-        return self.requests / self.seconds if self.seconds else 0.0
+        return self.answered / self.seconds if self.seconds else 0.0
 
     @property
     def pps(self) -> float:

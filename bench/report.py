@@ -151,7 +151,7 @@ def header(results: Results) -> str:
         f"- **Machine**: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']:.1f} GiB RAM, {gpu}; "
         f"{m['os']}\n"
         f"- **Servers**: Python {m['python']}, torch {m['torch']}; {m['workers']} worker(s) (or instances, "
-        f"replicas) each; the service as deployed (`python -m app`)\n"
+        f"replicas) each; the service as deployed (`python -m app`), device {m.get('device', 'auto')}\n"
         f"- **Load**: wrk -t1 on the same machine, concurrency {concurrency}, {m['duration_s']:g} s per cell "
         f"(batches longer, up to {m['batch_cap_s']:g} s), single-image cells the median of {m['rounds']} round(s); "
         f"load average {m['load_before']:.2f} before, {m['load_after']:.2f} after"

@@ -73,6 +73,7 @@ class Server:
     env: dict[str, str]
     ready_path: str
     log_path: Path
+    python: str  # the interpreter of its venv
     # Workload name -> the requests this server is sent for it (one per protocol it speaks).
     requests: dict[str, list[Request]] = field(default_factory=dict)
     workers: int = 1
@@ -277,7 +278,13 @@ def _predict_style(workloads: Mapping[str, Workload]) -> dict[str, list[Request]
 
 
 def make_service(
-    python: str, workers: int, batching: bool, workloads: Mapping[str, Workload], logs: Path, runtime: Path
+    python: str,
+    workers: int,
+    batching: bool,
+    workloads: Mapping[str, Workload],
+    logs: Path,
+    runtime: Path,
+    device: str | None = None,
 ) -> Server:
     key = f"service-batch-{'on' if batching else 'off'}"
     port = free_port()
@@ -288,6 +295,8 @@ def make_service(
         "MNIST_RUNTIME_DIR": str(runtime / key),
         "MNIST_MICROBATCH": "true" if batching else "false",
     }
+    if device:
+        env["MNIST_DEVICE"] = device
     return Server(
         key,
         f"service, micro-batching {'on' if batching else 'off'}",
@@ -296,6 +305,7 @@ def make_service(
         env,
         "/health/ready",
         logs / f"{key}.log",
+        python,
         service_requests(workloads, batching),
         workers,
         port,
@@ -319,6 +329,7 @@ def make_peer(
             env,
             "/health/ready",
             logs / f"{key}.log",
+            python,
             _predict_style(workloads),
             workers,
             port,
@@ -333,6 +344,7 @@ def make_peer(
             env,
             "/health",
             logs / f"{key}.log",
+            python,
             _predict_style(workloads),
             workers,
             port,
@@ -360,6 +372,7 @@ def make_peer(
             env,
             "/v2/health/ready",
             logs / f"{key}.log",
+            python,
             requests,
             workers,
             port,
@@ -394,6 +407,7 @@ def make_peer(
             env,
             "/v2/models/mnist/ready",
             logs / f"{key}.log",
+            python,
             requests,
             workers,
             port,
@@ -411,6 +425,7 @@ def make_peer(
             env,
             "/readyz",
             logs / f"{key}.log",
+            python,
             _predict_style(workloads),
             workers,
             port,
@@ -431,6 +446,7 @@ def make_peer(
             env,
             "/health",
             logs / f"{key}.log",
+            python,
             _predict_style(workloads),
             workers,
             port,
