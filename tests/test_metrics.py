@@ -8,6 +8,7 @@ import asyncio
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -23,7 +24,7 @@ import torch
 from app import metrics
 from app.config import Settings
 from app.main import create_app
-from app.registry import load_model, read_pointer, save_checkpoint
+from app.registry import load_model, read_pointer, save_checkpoint, write_pointer
 from tests.conftest import ROOT, Server, constant_model, save_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -71,7 +72,7 @@ class Scraper:
 @asynccontextmanager
 async def serving(settings: Settings) -> AsyncIterator[Scraper]:
     app = create_app(settings)
-    async with app.router.lifespan_context(app):
+    async with app.lifespan():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
             yield Scraper(client)
@@ -184,6 +185,29 @@ def test_model_info_and_reloads(models_dir: Path) -> None:
     assert value(rejected, info, version=bad) == 0
 
 
+def test_model_fallbacks_count_starts_that_could_not_serve_current(models_dir: Path, tmp_path: Path) -> None:
+    """A worker whose CURRENT fails the checks serves a good version instead, and counts it."""
+    bundled = read_pointer(models_dir)
+    assert bundled is not None
+    broken = tmp_path / "broken"
+    shutil.copytree(models_dir, broken)
+    refused = save_model(broken, constant_model(), version="20990101T000000Z-cccccccc").stem  # fails the canary
+    write_pointer(broken, refused)
+
+    async def run() -> tuple[Samples, Samples]:
+        async with serving(_settings(models_dir)) as healthy:
+            before = await healthy.scrape()
+        async with serving(_settings(broken)) as fallen_back:
+            assert (await fallen_back.client.get("/health/ready")).status_code == 200
+            return before, await fallen_back.scrape()
+
+    before, after = asyncio.run(run())
+    delta = Delta(before, after)
+    assert delta("mnist_model_fallbacks_total") == 1
+    assert value(after, "mnist_model_info", version=bundled) == 1
+    assert value(after, "mnist_model_info", version=refused) == 0
+
+
 BURST = 48
 
 
@@ -212,6 +236,7 @@ TESTED = {
     "mnist_predictions_total": test_predictions_count_images_by_input_kind,
     "mnist_model_info": test_model_info_and_reloads,
     "mnist_model_reloads_total": test_model_info_and_reloads,
+    "mnist_model_fallbacks_total": test_model_fallbacks_count_starts_that_could_not_serve_current,
     "mnist_inference_batch_size": test_batch_size_histogram_after_a_concurrent_burst,
 }
 
