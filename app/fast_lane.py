@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 import orjson
+from starlette.datastructures import State
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import InputError
@@ -90,24 +91,27 @@ def eligible(scope: Scope) -> LaneRequest | None:
 
 
 class FastLaneDispatch:
-    """Eligible requests to the lane, the rest to ``app`` (FastAPI's exception middleware and router)."""
+    """Eligible requests to the lane, the rest (and the lifespan) to ``app``, the FastAPI app.
 
-    def __init__(self, app: ASGIApp) -> None:
+    ``app_state`` is that app's state, where the lifespan puts the pipeline.
+    """
+
+    def __init__(self, app: ASGIApp, app_state: State) -> None:
         self.app = app
+        self.app_state = app_state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         lane = eligible(scope) if scope["type"] == "http" else None
         if lane is None:
             await self.app(scope, receive, send)
         else:
-            await serve(lane, scope, receive, send)
+            await serve(lane, self.app_state.pipeline, scope, receive, send)
 
 
-async def serve(lane: LaneRequest, scope: Scope, receive: Receive, send: Send) -> None:
+async def serve(lane: LaneRequest, pipeline: Pipeline, scope: Scope, receive: Receive, send: Send) -> None:
     """Answer one eligible request, errors in its route's format."""
     state = scope.setdefault("state", {})
     state["route_template"] = _TEMPLATES[lane.endpoint]
-    pipeline: Pipeline = scope["app"].state.pipeline
     started: float = state.get("started") or time.perf_counter()
     try:
         if lane.endpoint == "predict":

@@ -14,6 +14,8 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.datastructures import State
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import __version__, metrics
 from app.config import Settings, get_settings
@@ -26,7 +28,7 @@ from app.routes import admin, health, predict, ui, v2
 from app.serving import Pipeline
 from app.store import ModelStore
 
-__all__ = ["app", "create_app"]
+__all__ = ["Service", "app", "create_app"]
 
 logger = logging.getLogger("app")
 
@@ -40,13 +42,34 @@ probabilities, the label and the model version that computed them.
 """
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The app: FastAPI's routes behind one middleware chain, the fast lane dispatched inside it.
+class Service:
+    """The ASGI app uvicorn serves: one middleware chain, the fast-lane dispatch, FastAPI behind it.
 
-    Outermost first: the startup-error filter, request id + access log + latency metrics, the
-    predictions counter, then :class:`~app.fast_lane.FastLaneDispatch`, which hands small
-    prediction requests to the lane and everything else to FastAPI's router.
+    ``chain`` is, outermost first: the startup-error filter, request id + access log + latency
+    metrics, the predictions counter, then :class:`~app.fast_lane.FastLaneDispatch`, which hands
+    small prediction requests to the lane and everything else (lifespan included) to ``api``,
+    the FastAPI app with every route. Both lanes pass the same middlewares, built once.
     """
+
+    def __init__(self, api: FastAPI, chain: ASGIApp) -> None:
+        self.api = api
+        self.chain = chain
+
+    @property
+    def state(self) -> State:
+        """The app's state: settings, and from startup on the model store and the pipeline."""
+        return self.api.state
+
+    def lifespan(self) -> contextlib.AbstractAsyncContextManager[object]:
+        """Startup and shutdown without a server (tests, tools): ``async with service.lifespan():``."""
+        return self.api.router.lifespan_context(self.api)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.chain(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None) -> Service:
+    """The service on ``settings`` (default: from the environment): routes, middlewares, lifespan."""
     settings = settings or get_settings()
     configure_logging(settings.log_level)
     startup_problem: list[str] = []
@@ -116,13 +139,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logger.exception("unhandled error (request_id=%s)", getattr(request.state, "request_id", "-"))
         return JSONResponse({"detail": "internal server error"}, status_code=500)
 
-    # add_middleware wraps what is there: the first added is the innermost.
-    if settings.fast_lane:
-        app.add_middleware(FastLaneDispatch)
-    app.add_middleware(metrics.PredictionCounter)
-    app.add_middleware(RequestContextMiddleware, access_log=settings.access_log, observe=metrics.observe_request)
-    app.add_middleware(StartupErrorMiddleware, message=lambda: startup_problem[-1] if startup_problem else None)
-    return app
+    # Built inside out: each wraps the one before. FastAPI's own per-request layers (its error
+    # and body-limit middlewares, routing) are behind the dispatch: the fast lane skips them.
+    chain: ASGIApp = FastLaneDispatch(app, app.state) if settings.fast_lane else app
+    chain = metrics.PredictionCounter(chain)
+    chain = RequestContextMiddleware(chain, access_log=settings.access_log, observe=metrics.observe_request)
+    chain = StartupErrorMiddleware(chain, message=lambda: startup_problem[-1] if startup_problem else None)
+    return Service(app, chain)
 
 
 app = create_app()

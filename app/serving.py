@@ -36,8 +36,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +68,8 @@ logger = logging.getLogger("app.serving")
 INLINE_BYTES = 64 * 1024
 # Images whose decoded pixels add up to at most this are decoded inline too (a 280x280 drawing).
 INLINE_PIXELS = 512 * 512
+# How often body-read deadlines are checked: a stalled upload gets its 408 up to this much late.
+_SWEEP_SECONDS = 0.25
 # What an overloaded worker tells clients: try again in about this many seconds.
 RETRY_AFTER = "1"
 
@@ -194,6 +195,10 @@ class Pipeline:
         )
         self.inflight = 0
         self.buffered = 0
+        self._reading: dict[asyncio.Task[object], float] = {}  # body reads in progress: their deadlines
+        self._expired: set[asyncio.Task[object]] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._loop_time = time.monotonic
 
     def served(self) -> ServedModel:
         """The model this request will use from start to end (read once), or 503 before there is one."""
@@ -201,28 +206,6 @@ class Pipeline:
         if served is None:
             raise InputError(503, "no model loaded yet", headers={"Retry-After": RETRY_AFTER})
         return served
-
-    @contextmanager
-    def entered(self) -> Iterator[None]:
-        """A prediction request inside this worker, from its first byte to its answer."""
-        if self.inflight >= self.budgets.max_inflight:
-            raise overloaded(f"{self.inflight} requests in progress in this worker")
-        self.inflight += 1
-        try:
-            yield
-        finally:
-            self.inflight -= 1
-
-    @contextmanager
-    def buffering(self, size: int) -> Iterator[None]:
-        """Hold ``size`` bytes of the worker's body budget while a body is read and used."""
-        if self.buffered + size > self.budgets.max_buffered_bytes:
-            raise overloaded(f"this worker already holds {self.buffered:,} bytes of request bodies")
-        self.buffered += size
-        try:
-            yield
-        finally:
-            self.buffered -= size
 
     async def handle(
         self,
@@ -240,12 +223,23 @@ class Pipeline:
         served = self.served()
         if declared is not None and declared > limit:
             raise InputError(413, f"request body of {declared} bytes is over the limit of {limit} bytes")
-        with self.entered(), self.buffering(declared or 0):
+        if self.inflight >= self.budgets.max_inflight:
+            raise overloaded(f"{self.inflight} requests in progress in this worker")
+        # The declared body is held against the worker's budget from before the first byte.
+        held = declared or 0
+        if self.buffered + held > self.budgets.max_buffered_bytes:
+            raise overloaded(f"this worker already holds {self.buffered:,} bytes of request bodies")
+        self.inflight += 1
+        self.buffered += held
+        try:
             body = await self.read_body(receive, declared, limit)
             job = build(body, served)
             if not isinstance(job, Job):
                 job = await job
             answer, count = await self.run(job, served, started, receive)
+        finally:
+            self.inflight -= 1
+            self.buffered -= held
         return answer, served, count
 
     async def read_body(self, receive: Callable[..., object], declared: int | None, limit: int) -> bytes:
@@ -256,32 +250,53 @@ class Pipeline:
         """
         chunks: list[bytes] = []
         received = 0
+        # The deadline is kept by a sweep (see _sweep), not a timer per request: this is on the
+        # path of every prediction, and asyncio.timeout costs as much as a tenth of a small one.
+        task = asyncio.current_task()
+        assert task is not None
+        self._reading[task] = self._loop_time() + self.budgets.body_timeout
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_SECONDS, self._sweep)
         try:
-            async with asyncio.timeout(self.budgets.body_timeout):
-                while True:
-                    message = await receive()  # type: ignore[misc]
-                    if message["type"] == "http.disconnect":
-                        raise InputError(499, "client closed the connection while sending its body")
-                    chunk = message.get("body", b"")
-                    received += len(chunk)
-                    if received > limit:
-                        raise InputError(413, f"request body is over the limit of {limit} bytes")
-                    if declared is None and received > self.budgets.max_buffered_bytes - self.buffered:
-                        raise overloaded("this worker holds too many request bodies")
-                    if chunk:
-                        chunks.append(chunk)
-                    if not message.get("more_body", False):
-                        break
-        except TimeoutError:
+            while True:
+                message = await receive()  # type: ignore[misc]
+                if message["type"] == "http.disconnect":
+                    raise InputError(499, "client closed the connection while sending its body")
+                chunk = message.get("body", b"")
+                received += len(chunk)
+                if received > limit:
+                    raise InputError(413, f"request body is over the limit of {limit} bytes")
+                if declared is None and received > self.budgets.max_buffered_bytes - self.buffered:
+                    raise overloaded("this worker holds too many request bodies")
+                if chunk:
+                    chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+        except asyncio.CancelledError:
+            if task not in self._expired:
+                raise
+            self._expired.discard(task)
+            task.uncancel()
             raise InputError(
                 408,
                 f"request body not received within {self.budgets.body_timeout:g} s "
                 f"({received} of {declared if declared is not None else 'an unknown number of'} bytes)",
                 headers={"Connection": "close"},
             ) from None
+        finally:
+            del self._reading[task]
         if len(chunks) == 1:
             return chunks[0]
         return b"".join(chunks)
+
+    def _sweep(self) -> None:
+        """Cancel the body reads that are past their deadline; runs while any read is in progress."""
+        now = self._loop_time()
+        for task, deadline in list(self._reading.items()):
+            if deadline <= now and task not in self._expired:
+                self._expired.add(task)
+                task.cancel()
+        self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_SECONDS, self._sweep) if self._reading else None
 
     async def run(
         self, job: Job, served: ServedModel, started: float, receive: Callable[..., object]

@@ -181,13 +181,14 @@ def test_which_requests_take_the_fast_lane() -> None:
 
 def test_one_middleware_chain_wraps_both_lanes(models_dir: Path) -> None:
     app = create_app(Settings(model_dir=models_dir, reload_interval=0))
-    # Outermost first; the dispatch is the innermost, so both lanes pass every other middleware.
-    assert [m.cls for m in app.user_middleware] == [
-        StartupErrorMiddleware,
-        RequestContextMiddleware,
-        PredictionCounter,
-        fast_lane.FastLaneDispatch,
-    ]
+    # Outermost first; the dispatch is the innermost, so both lanes pass every other middleware,
+    # and FastAPI (with its own middlewares) is behind it.
+    chain, layers = app.chain, []
+    while chain is not app.api:
+        layers.append(type(chain))
+        chain = chain.app  # type: ignore[attr-defined]
+    assert layers == [StartupErrorMiddleware, RequestContextMiddleware, PredictionCounter, fast_lane.FastLaneDispatch]
+    assert app.api.user_middleware == []  # no second chain inside FastAPI
 
 
 def test_the_first_of_repeated_headers_counts_in_both_lanes(client: TestClient) -> None:
@@ -242,7 +243,8 @@ def test_fast_lane_unexpected_error_is_a_plain_500(client: TestClient, caplog: p
 
 def test_fast_lane_can_be_switched_off(models_dir: Path) -> None:
     app = create_app(Settings(model_dir=models_dir, reload_interval=0, fast_lane=False))
-    assert fast_lane.FastLaneDispatch not in [m.cls for m in app.user_middleware]
+    assert not isinstance(app.chain.app.app.app, fast_lane.FastLaneDispatch)  # type: ignore[attr-defined]
+    assert app.chain.app.app.app is app.api  # type: ignore[attr-defined]
     with TestClient(app) as client:
         response = client.post(
             "/predict", content=orjson.dumps({"pixels": SEVEN}), headers={"content-type": "application/json"}

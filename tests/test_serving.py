@@ -119,7 +119,7 @@ def anyio_backend() -> str:
 @contextlib.asynccontextmanager
 async def _client(settings: Settings, slow: float = 0.0) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings)
-    async with app.router.lifespan_context(app):
+    async with app.lifespan():
         store = app.state.store
         if slow:
             store.current = dataclasses.replace(store.current, model=_Slow(store.current.model, slow))

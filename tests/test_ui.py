@@ -35,7 +35,7 @@ async def client(
     monkeypatch.setenv("MNIST_RUNTIME_DIR", str(tmp_path / "runtime"))
     app = create_app(Settings(model_dir=models_dir, reload_interval=0, access_log=False))
     transport = httpx.ASGITransport(app=app)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+    async with app.lifespan(), httpx.AsyncClient(transport=transport, base_url="http://test") as c:
         yield c
 
 

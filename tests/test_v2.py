@@ -96,7 +96,7 @@ def anyio_backend() -> str:
 async def _client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings)
     transport = httpx.ASGITransport(app=app)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+    async with app.lifespan(), httpx.AsyncClient(transport=transport, base_url="http://test") as c:
         c.app = app  # type: ignore[attr-defined]  # for the tests that look at the store
         yield c
 
