@@ -29,6 +29,8 @@ from app.config import Settings, get_settings
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from app.main import Service
+
 __all__ = ["build_parser", "main", "serving_app"]
 
 _logger = logging.getLogger("uvicorn.error")
@@ -128,7 +130,7 @@ def _settings_from(argv: Sequence[str] | None) -> Settings:
         parser.error(str(exc))
 
 
-def serving_app(settings: Settings | None = None) -> FastAPI:
+def serving_app(settings: Settings | None = None) -> Service:
     """The app, whose startup ends by moving every object alive then out of the collector's sight.
 
     Uvicorn calls this factory in each worker. Imports and model loading leave hundreds of
@@ -140,15 +142,15 @@ def serving_app(settings: Settings | None = None) -> FastAPI:
     from app.main import create_app
 
     app = create_app(settings)
-    startup = app.router.lifespan_context
+    startup = app.api.router.lifespan_context
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[Any]:
-        async with startup(app) as state:
+    async def lifespan(api: FastAPI) -> AsyncIterator[Any]:
+        async with startup(api) as state:
             gc.freeze()
             yield state
 
-    app.router.lifespan_context = lifespan
+    app.api.router.lifespan_context = lifespan
     return app
 
 

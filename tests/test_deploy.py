@@ -525,10 +525,10 @@ def _app_answers_get(models_dir: Path, paths: set[str]) -> dict[str, int]:
     app = create_app(Settings(model_dir=models_dir, reload_interval=0))
     for path in paths:
         scope = {"type": "http", "path": path, "method": "GET", "root_path": "", "headers": []}
-        assert any(route.matches(scope)[0] == Match.FULL for route in app.routes), f"GET {path}: no such route"
+        assert any(route.matches(scope)[0] == Match.FULL for route in app.api.routes), f"GET {path}: no such route"
 
     async def ask() -> dict[str, int]:
-        async with app.router.lifespan_context(app):
+        async with app.lifespan():
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
                 return {path: (await client.get(path)).status_code for path in paths}
