@@ -179,8 +179,13 @@ def running(servers: list[Server]) -> Iterator[list[Server]]:
     try:
         for server in servers:
             server.start()
-            print(f"   {server.label}: ready in {server.ready_s:.2f} s (port {server.port})", flush=True)
-            server.settle()
+            server.settle()  # the start's own work (imports, model loads, warm-ups) done
+            server.measure_idle()
+            print(
+                f"   {server.label}: ready in {server.ready_s:.2f} s (port {server.port}); "
+                f"idle, it uses {100 * server.idle_cores:.0f} % of a core",
+                flush=True,
+            )
         yield servers
     finally:
         for server in servers:

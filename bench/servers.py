@@ -84,6 +84,7 @@ class Server:
     version: str = ""
     notes: str = ""
     install_s: float | None = None  # how long building its venv took, in this run
+    idle_cores: float = 0.0  # CPU it uses with nothing to do, in cores
 
     def start(self, timeout: float = 180) -> None:
         log = self.log_path.open("wb")
@@ -148,17 +149,24 @@ class Server:
             pending += children(pid)
         return total
 
-    def settle(self, timeout: float = 60) -> None:
-        """Wait until the server has finished the work wrk left in flight (it uses < 5 % of a core).
+    def measure_idle(self, seconds: float = 2.0) -> None:
+        """The share of a core the server uses on its own, with no request in flight (after start)."""
+        before = self.cpu_seconds()
+        time.sleep(seconds)
+        self.idle_cores = max(0.0, (self.cpu_seconds() - before) / seconds)
 
-        Servers that keep busy on their own (Ray's control processes poll) get up to ``timeout``.
+    def settle(self, timeout: float = 60) -> None:
+        """Wait until the server has finished the work wrk left in flight.
+
+        Idle means using less than 5 % of a core more than it does on its own (Ray's control
+        processes, for one, poll all the time: :meth:`measure_idle`).
         """
         deadline = time.monotonic() + timeout
         before = self.cpu_seconds()
         while time.monotonic() < deadline:
             time.sleep(0.25)
             now = self.cpu_seconds()
-            if now - before < 0.25 * 0.05:
+            if now - before < 0.25 * (0.05 + self.idle_cores):
                 return
             before = now
         print(f"   ({self.label} still busy after {timeout:g} s; going on)", flush=True)
