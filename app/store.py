@@ -207,6 +207,7 @@ class ModelStore:
                 self._set_problem(problem[0], problem[1], f"{version} ({role})")
                 metrics.model_fallback()
             self._swap(served)
+            self._record_last_good(served)
             return served
         if not state.versions:
             failures.append(f"{self.models_dir} holds no versions")
@@ -232,11 +233,15 @@ class ModelStore:
         metrics.model_swapped(self.serving_version, served.version)
         self.current = served  # the swap: one reference assignment, atomic for readers
         self._report()
-        if self.settings.model_path is None and served.path == version_path(self.models_dir, served.version):
-            try:
-                record_last_good(self.models_dir, served.version)
-            except OSError as exc:  # a read-only folder: the fallback then uses the newest good version
-                logger.warning("could not record %s as the last good version: %s", served.version, exc)
+
+    def _record_last_good(self, served: ServedModel) -> None:
+        """Blocking (a read, maybe an fsync'ed write): off the event loop once serving."""
+        if self.settings.model_path is not None or served.path != version_path(self.models_dir, served.version):
+            return
+        try:
+            record_last_good(self.models_dir, served.version)
+        except OSError as exc:  # a read-only folder: the fallback then uses the newest good version
+            logger.warning("could not record %s as the last good version: %s", served.version, exc)
 
     def _report(self) -> None:
         served = self.current
@@ -293,7 +298,7 @@ class ModelStore:
                 if names_current and not exc.transient:
                     self._set_problem(exc.path, exc.problem, f"{self.serving_version} (kept)")
                 raise error from None
-            return self._swapped(served, names_current)
+            return await self._swapped(served, names_current)
 
     async def publish(self, version: str) -> ServedModel:
         """Validate ``version`` on this worker, make it current for every worker, swap it in.
@@ -306,7 +311,7 @@ class ModelStore:
                 served = await asyncio.to_thread(publish_version, self.models_dir, version, self.load_candidate)
             except CheckpointError as exc:
                 raise self._fail(version, exc.problem, exc.transient) from None
-            return self._swapped(served, names_current=True)
+            return await self._swapped(served, names_current=True)
 
     async def rollback(self) -> tuple[Rollback, ServedModel]:
         """Roll back (``registry.rollback``: the version before the current one) and swap it in.
@@ -327,15 +332,16 @@ class ModelStore:
                 if not tried:
                     raise  # nothing to roll back to
                 raise self._fail(tried[-1], exc.problem, exc.transient) from None
-            return target, self._swapped(served, names_current=True)
+            return target, await self._swapped(served, names_current=True)
 
-    def _swapped(self, served: ServedModel, names_current: bool) -> ServedModel:
+    async def _swapped(self, served: ServedModel, names_current: bool) -> ServedModel:
         self.reloads["success"] += 1
         self._retry = None
         if names_current:
             self.problem = None
         self._swap(served)
         logger.info("now serving %s (canary accuracy %.1f%%)", served.version, 100 * served.canary_accuracy)
+        await asyncio.to_thread(self._record_last_good, served)
         return served
 
     async def poll(self) -> None:

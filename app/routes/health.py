@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from app.deps import ServedDep, StoreDep
-from app.registry import inspect_folder, list_versions
+from app.registry import inspect_folder
 from app.schemas import ModelInfo
 
 __all__ = ["router"]
@@ -42,15 +42,16 @@ async def ready(store: StoreDep) -> JSONResponse:
     response_model=ModelInfo,
 )
 async def model_info(store: StoreDep, served: ServedDep) -> dict[str, Any]:
+    folder = inspect_folder(store.models_dir)
     return {
         **served.describe(),
         "pid": os.getpid(),
         "last_reload_error": store.last_reload_error,
         "problem": store.problem,
-        "last_good_version": inspect_folder(store.models_dir).last_good,
+        "last_good_version": folder.last_good,
         "reloads": store.reloads,
         "watching": store.watching,
         "reload_interval": store.settings.reload_interval,
         "workers": store.registry.snapshot(),
-        "available_versions": list_versions(store.models_dir),
+        "available_versions": folder.versions,
     }
