@@ -25,6 +25,7 @@ from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from app import metrics
 from app.config import Settings, get_settings
+from app.protocol import guarded_protocol
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -171,7 +172,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     options: dict[str, Any] = {
         "factory": True,
         "loop": _fastest("uvloop", "uvloop"),
-        "http": _fastest("httptools", "httptools"),
+        # httptools with request heads bounded in size and time (app.protocol); h11 where it is missing.
+        "http": (
+            guarded_protocol(settings.max_header_bytes, settings.header_timeout)
+            if importlib.util.find_spec("httptools") is not None
+            else "h11"
+        ),
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+        # Set on purpose (app.config, README "Configuration"): idle keep-alive connections close
+        # after keepalive_timeout; past max_connections per worker uvicorn answers 503 at once;
+        # the kernel queues up to backlog connections per listening socket.
+        "timeout_keep_alive": settings.keepalive_timeout,
+        "limit_concurrency": settings.max_connections,
+        "backlog": settings.backlog,
         "host": settings.host,
         "port": settings.port,
         "workers": settings.workers,

@@ -32,7 +32,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._in_head = True  # waiting for, or reading, a request head
-        self._head_bytes = 0
+        self._head_bytes = 0  # of the current head, as parsed (request target and headers)
+        self._streamed = 0  # bytes received while a head stays incomplete
+        self._refused = False
         self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -44,34 +46,54 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         in_head_before = self._in_head
         super().data_received(data)
-        # Only chunks that began and ended inside a head count: a chunk that also carries a body
-        # (or a previous request's end) is not a head's growth. The bound is max_head_bytes plus
-        # one read.
-        if in_head_before and self._in_head and not self.transport.is_closing():
-            self._head_bytes += len(data)
-            if self._head_bytes > self.max_head_bytes:
+        # A head still incomplete after this chunk is growing inside httptools' buffers: stop it
+        # here. (A chunk that completes a head is checked, as parsed, in on_headers_complete.)
+        if in_head_before and self._in_head and not self._refused:
+            self._streamed += len(data)
+            if self._streamed > self.max_head_bytes:
                 self._refuse(431, f"request head over {self.max_head_bytes} bytes")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
-        self._head_bytes = 0
+        self._head_bytes = self._streamed = 0
         if self._head_timer is None:
             self._arm()
+
+    def on_url(self, url: bytes) -> None:
+        self._head_bytes += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4  # ": " and CRLF
+        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._disarm()
+        if self._head_bytes > self.max_head_bytes:
+            self._refuse(431, f"request head over {self.max_head_bytes} bytes")
+            return  # no request cycle: the app never sees it
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._refused:
+            super().on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         # Keep-alive: the next head is timed from here (uvicorn's own keep-alive timeout, which
         # is shorter, closes an idle connection first; this one covers a head that starts and stalls).
         self._in_head = True
-        self._head_bytes = 0
+        self._head_bytes = self._streamed = 0
         if not self.transport.is_closing():
             self._arm()
 
@@ -90,6 +112,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(408, f"request head not received within {self.head_timeout:g} s")
 
     def _refuse(self, status: int, message: str) -> None:
+        self._refused = True
         self._disarm()
         body = message.encode("ascii")
         self.transport.write(

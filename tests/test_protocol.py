@@ -78,3 +78,20 @@ def test_bodies_and_keep_alive_are_not_heads(port: int) -> None:
             time.sleep(0.5)
         big_header = client.post("/predict", json={"pixels": [0.0] * 784}, headers={"x-pad": "a" * 8000})
         assert big_header.status_code == 200  # within the limit
+
+
+@pytest.mark.e2e
+def test_the_launcher_serves_with_the_guards(server_factory, models_dir: Path) -> None:  # noqa: ANN001
+    import sys
+
+    env = {"MNIST_MODEL_DIR": str(models_dir), "MNIST_RELOAD_INTERVAL": "0", "MNIST_HEADER_TIMEOUT": "1"}
+    server = server_factory(env=env, command=[sys.executable, "-m", "app"])
+    port = int(server.base_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+        answer = _answer(sock)
+    assert answer.startswith(b"HTTP/1.1 408")
+    with server.client() as client:
+        assert client.post("/predict", json={"pixels": [0.0] * 784}).status_code == 200
+        too_big = client.get("/health/ready", headers={"x-pad": "a" * 70_000})
+    assert too_big.status_code == 431
