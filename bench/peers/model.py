@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.registry import load_model, read_pointer, version_path
+from app.registry import CheckpointError, current_checkpoint, load_model
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -24,10 +24,10 @@ def checkpoint_path() -> Path:
     explicit = os.environ.get("MNIST_MODEL_PATH")
     if explicit:
         return Path(explicit)
-    version = read_pointer(ROOT / "models")
-    if version is None:
-        raise SystemExit(f"no CURRENT pointer in {ROOT / 'models'}")
-    return version_path(ROOT / "models", version)
+    try:
+        return current_checkpoint(ROOT / "models")
+    except CheckpointError as exc:
+        raise SystemExit(f"no current model: {exc}") from None
 
 
 class Predictor:
