@@ -25,7 +25,6 @@ from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from app import metrics
 from app.config import Settings, get_settings
-from app.protocol import guarded_protocol
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -155,6 +154,15 @@ def serving_app(settings: Settings | None = None) -> Service:
     return app
 
 
+def _http_protocol() -> type | str:
+    """httptools with request heads bounded in size and time (app.protocol), or h11 without httptools."""
+    if importlib.util.find_spec("httptools") is None:
+        return "h11"  # bounds heads itself (h11_max_incomplete_event_size)
+    from app.protocol import GuardedHttpToolsProtocol
+
+    return GuardedHttpToolsProtocol
+
+
 def _fastest(preferred: str, module: str) -> str:
     # uvloop and httptools come with uvicorn[standard]; "auto" would pick them too, but silently
     # fall back: naming them makes the choice visible, and the fallback keeps other platforms working.
@@ -173,11 +181,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "factory": True,
         "loop": _fastest("uvloop", "uvloop"),
         # httptools with request heads bounded in size and time (app.protocol); h11 where it is missing.
-        "http": (
-            guarded_protocol(settings.max_header_bytes, settings.header_timeout)
-            if importlib.util.find_spec("httptools") is not None
-            else "h11"
-        ),
+        "http": _http_protocol(),
         "h11_max_incomplete_event_size": settings.max_header_bytes,
         # Set on purpose (app.config, README "Configuration"): idle keep-alive connections close
         # after keepalive_timeout; past max_connections per worker uvicorn answers 503 at once;

@@ -10,7 +10,8 @@ then nothing, or nothing at all, is kept open forever. :class:`GuardedHttpToolsP
 * ``head_timeout``: a head must arrive within this many seconds of the connection opening or
   of the previous response; else ``408`` and the connection is closed.
 
-``python -m app`` (the launcher) serves with it; see :func:`guarded_protocol`.
+``python -m app`` (the launcher) serves with it, limits from the settings; :func:`guarded_protocol`
+makes a variant with other limits.
 """
 
 from __future__ import annotations
@@ -20,17 +21,24 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from app.config import get_settings
+
 __all__ = ["GuardedHttpToolsProtocol", "guarded_protocol"]
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    max_head_bytes = 64 * 1024
-    head_timeout = 10.0
+    # None: from the settings (MNIST_MAX_HEADER_BYTES, MNIST_HEADER_TIMEOUT). The launcher passes
+    # this class itself to uvicorn, which pickles it to each worker process.
+    max_head_bytes: int | None = None
+    head_timeout: float | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        settings = get_settings()
+        self._max_head: int = settings.max_header_bytes if self.max_head_bytes is None else self.max_head_bytes
+        self._timeout: float = settings.header_timeout if self.head_timeout is None else self.head_timeout
         self._in_head = True  # waiting for, or reading, a request head
         self._head_bytes = 0  # of the current head, as parsed (request target and headers)
         self._streamed = 0  # bytes received while a head stays incomplete
@@ -54,8 +62,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # here. (A chunk that completes a head is checked, as parsed, in on_headers_complete.)
         if in_head_before and self._in_head and not self._refused:
             self._streamed += len(data)
-            if self._streamed > self.max_head_bytes:
-                self._refuse(431, f"request head over {self.max_head_bytes} bytes")
+            if self._streamed > self._max_head:
+                self._refuse(431, f"request head over {self._max_head} bytes")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -75,8 +83,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._disarm()
-        if self._head_bytes > self.max_head_bytes:
-            self._refuse(431, f"request head over {self.max_head_bytes} bytes")
+        if self._head_bytes > self._max_head:
+            self._refuse(431, f"request head over {self._max_head} bytes")
             return  # no request cycle: the app never sees it
         super().on_headers_complete()
 
@@ -99,7 +107,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _arm(self) -> None:
         self._disarm()
-        self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+        self._head_timer = self.loop.call_later(self._timeout, self._head_timed_out)
 
     def _disarm(self) -> None:
         if self._head_timer is not None:
@@ -109,7 +117,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if self._in_head and not self.transport.is_closing():
-            self._refuse(408, f"request head not received within {self.head_timeout:g} s")
+            self._refuse(408, f"request head not received within {self._timeout:g} s")
 
     def _refuse(self, status: int, message: str) -> None:
         self._refused = True
