@@ -338,3 +338,20 @@ def test_last_good_is_written_only_when_it_changes(folder: tuple[Path, str]) -> 
     before = (models_dir / "LAST_GOOD").stat().st_mtime_ns
     assert record_last_good(models_dir, good) is False
     assert (models_dir / "LAST_GOOD").stat().st_mtime_ns == before
+
+
+def test_admin_publish_that_cannot_write_the_pointer_is_503_and_changes_nothing(
+    folder: tuple[Path, str], bundled_checkpoint: Path
+) -> None:
+    models_dir, good = folder
+    other = publish_variant(models_dir, bundled_checkpoint, seed=12, publish=False)
+    (models_dir / "LAST_GOOD").unlink()
+    (models_dir / "LAST_GOOD").mkdir()  # cannot be replaced by a file, even by root
+    with _admin(models_dir, reload_interval=0) as client:
+        assert client.get("/model").json()["version"] == good  # a worker serves without recording
+        response = client.post("/admin/reload", json={"version": other}, headers=_auth())
+        assert response.status_code == 503
+        assert "could not write the pointer" in response.json()["detail"]
+        assert "nothing was published" in response.json()["detail"]
+        assert client.get("/model").json()["version"] == good
+    assert read_pointer(models_dir) == good

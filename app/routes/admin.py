@@ -94,7 +94,10 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(requir
             "workers), or there is nothing to roll back to; nothing changed",
         },
         422: {"model": ErrorResponse, "description": "the version was rejected; the previous model keeps serving"},
-        503: {"model": ErrorResponse, "description": "the file could not be read just now; retry"},
+        503: {
+            "model": ErrorResponse,
+            "description": "the version could not be read just now (retry), or the pointer could not be written",
+        },
     },
     openapi_extra={
         "requestBody": {
@@ -146,6 +149,10 @@ async def reload(request: Request, store: StoreDep, settings: SettingsDep) -> Re
         raise HTTPException(422, f"reload rejected, still serving {store.serving_version}: {exc}") from None
     except CheckpointError as exc:  # nothing to roll back to
         raise HTTPException(409, f"cannot roll back: {exc}") from None
+    except OSError as exc:  # CURRENT or LAST_GOOD could not be written: a read-only folder, a full disk
+        raise HTTPException(
+            503, f"could not write the pointer in {store.models_dir} ({exc}); nothing was published"
+        ) from None
     timeout = min(MAX_CONVERGE_WAIT, 4 * settings.reload_interval + 2) if store.watching else 0.0
     total, serving = await _wait_for_workers(store, served.version, timeout)
     return ReloadResponse(
