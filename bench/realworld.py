@@ -110,6 +110,15 @@ def _pen(digit: np.ndarray, size: int, width: float, rng: np.random.Generator) -
     scale = 2  # drawn at twice the size and reduced: anti-aliased edges
     cover = _coverage(digit, size * scale, rng)
     skeleton = _skeleton(cover > 0.45)
+    # A lone skeleton pixel is what thinning leaves of a speck, not a stroke a pen would draw.
+    around = np.pad(skeleton, 1).astype(np.uint8)
+    neighbours = sum(
+        around[1 + dy : 1 + dy + skeleton.shape[0], 1 + dx : 1 + dx + skeleton.shape[1]]
+        for dy in (-1, 0, 1)
+        for dx in (-1, 0, 1)
+        if dy or dx
+    )
+    skeleton &= neighbours > 0
     ys, xs = np.nonzero(skeleton)
     canvas = Image.new("L", (size * scale, size * scale), 0)
     draw = ImageDraw.Draw(canvas)
@@ -314,7 +323,7 @@ def canvas_rgba(digit: np.ndarray, rng: np.random.Generator) -> tuple[bytes, str
     """A drawing app's export: a round brush on a fully transparent canvas (RGBA), any ink colour."""
     side = int(rng.choice([280, 400, 512]))
     size = int(rng.uniform(0.55, 0.85) * side)
-    brush = float(rng.uniform(0.06, 0.11)) * side
+    brush = float(rng.uniform(0.05, 0.09)) * side
     cover = _random_place(_pen(digit, size, brush, rng), side, side, rng)
     if rng.random() < 0.7:
         colour = np.asarray([0, 0, 0], dtype=np.float32)
@@ -335,14 +344,13 @@ def small_offcentre(digit: np.ndarray, rng: np.random.Generator) -> tuple[bytes,
     corner_x = int(rng.integers(0, int(0.25 * width)))
     top = corner_y if rng.random() < 0.5 else height - size - corner_y
     left = corner_x if rng.random() < 0.5 else width - size - corner_x
-    cover = _place(cover_small, height, width, top, left)
+    specks = Image.new("L", (width, height), 0)
     for _ in range(int(rng.integers(0, 4))):  # dust, a stray dot of ink
         y, x, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(0.8, 2.0)
-        yy, xx = np.ogrid[0:height, 0:width]
-        cover = np.maximum(cover, ((yy - y) ** 2 + (xx - x) ** 2 <= r * r).astype(np.float32))
+        ImageDraw.Draw(specks).ellipse((x - r, y - r, x + r, y + r), fill=255)
+    cover = np.maximum(_place(cover_small, height, width, top, left), np.asarray(specks, np.float32) / 255)
     rgb = _ink_on(cover, _paper(height, width, _light_paper(rng, 235, 255)), _pen_ink(rng))
-    rgb = _noise(rgb, float(rng.uniform(1, 4)), rng)
-    return _encode(_to_image(rgb), "PNG"), "png"
+    return _encode(_tile_noise(_to_image(rgb), float(rng.uniform(1, 4)), rng), "PNG"), "png"
 
 
 def blurred(digit: np.ndarray, rng: np.random.Generator) -> tuple[bytes, str]:
@@ -393,6 +401,19 @@ def lined_paper(digit: np.ndarray, rng: np.random.Generator) -> tuple[bytes, str
 _NOISE_TILE: dict[int, np.ndarray] = {}
 
 
+def _tile_noise(image: Image.Image, sigma: float, rng: np.random.Generator) -> Image.Image:
+    """Sensor noise for big pictures: a fixed 1024x1024 field of it, tiled from a random offset."""
+    tile = _NOISE_TILE.get(0)
+    if tile is None:
+        tile = _NOISE_TILE[0] = np.random.default_rng(0).standard_normal((1024, 1024, 3)).astype(np.float32)
+    width, height = image.size
+    oy, ox = int(rng.integers(1024)), int(rng.integers(1024))
+    reps = (-(-(height + oy) // 1024), -(-(width + ox) // 1024), 1)
+    noise = (np.tile(tile, reps)[oy : oy + height, ox : ox + width] * sigma).astype(np.int16)
+    arr = np.asarray(image).astype(np.int16) + noise
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
 def phone_12mp(digit: np.ndarray, rng: np.random.Generator) -> tuple[bytes, str]:
     """A full-size 12-megapixel phone JPEG (4032x3024 as stored), sometimes with the desk at an edge."""
     portrait = bool(rng.integers(2))
@@ -418,14 +439,7 @@ def phone_12mp(digit: np.ndarray, rng: np.random.Generator) -> tuple[bytes, str]
         rgb = _ink_on(desk, rgb, np.asarray([70, 50, 35], np.float32) + rng.uniform(-15, 15, 3))
     rgb *= _gradient(h2, w2, rng, float(rng.uniform(0.6, 0.95)))
     image = _blur(_to_image(rgb), 1.5).resize((width, height), Image.Resampling.BILINEAR)
-    tile = _NOISE_TILE.get(0)
-    if tile is None:
-        tile = _NOISE_TILE[0] = (np.random.default_rng(0).standard_normal((1024, 1024, 3)) * 7).astype(np.int16)
-    arr = np.asarray(image).astype(np.int16)
-    oy, ox = int(rng.integers(1024)), int(rng.integers(1024))
-    reps = (-(-(height + oy) // 1024), -(-(width + ox) // 1024), 1)
-    arr += np.tile(tile, reps)[oy : oy + height, ox : ox + width]
-    upright = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    upright = _tile_noise(image, 7.0, rng)
     orientation = 6 if portrait else 1
     return _jpeg_with_orientation(upright, orientation, int(rng.integers(88, 95))), "jpeg"
 

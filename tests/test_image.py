@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from app.errors import InputError
-from app.image import decode_png, mnistify, png_declared_pixels, png_to_gray
+from app.image import (
+    ImageInfo,
+    decode_png,
+    mnistify,
+    png_declared_pixels,
+    png_to_gray,
+    probe,
+    to_model_input,
+    to_png_base64,
+)
+from bench.realworld import WAYS, samples
 from tests.helpers import png_bytes
 
 MAX_PIXELS = 4096 * 4096
@@ -177,3 +189,210 @@ def test_png_declared_pixels_reads_only_the_header() -> None:
     assert png_declared_pixels(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)) == 16_000_000
     assert png_declared_pixels(b"GIF89a" + b"\0" * 40) == 0
     assert png_declared_pixels(b"\x89PNG\r\n\x1a\n") == 0
+
+
+# -- JPEG, WebP, EXIF and the header probe -------------------------------------------------------
+
+
+def _encoded(image: Image.Image, fmt: str, **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def _bar_on_paper(width: int = 120, height: int = 160) -> Image.Image:
+    """Dark ink on white paper: a tall bar (a '1') with a foot to the right, so rotations show."""
+    paper = np.full((height, width), 245, np.uint8)
+    paper[30:130, 55:65] = 20
+    paper[120:130, 55:90] = 20
+    return Image.fromarray(paper, "L").convert("RGB")
+
+
+def test_probe_reads_format_size_and_decoded_pixels_from_the_header() -> None:
+    png = png_bytes(Image.new("L", (300, 200), 255))
+    assert probe(png) == ImageInfo("png", 300, 200, 60_000)
+    webp = _encoded(Image.new("RGB", (64, 48), "white"), "WEBP")
+    assert probe(webp) == ImageInfo("webp", 64, 48, 64 * 48)
+    # A 12-megapixel JPEG decodes at 1/8 scale (DCT scaling) to 504x378: that is its cost.
+    phone = _encoded(Image.new("RGB", (4032, 3024), "white"), "JPEG", quality=50)
+    assert probe(phone) == ImageInfo("jpeg", 4032, 3024, 504 * 378)
+    assert probe(phone, target=1024).decoded_pixels == 2016 * 1512  # both sides >= 1024: 1/2
+    small = _encoded(Image.new("RGB", (280, 280), "white"), "JPEG")
+    assert probe(small).decoded_pixels == 280 * 280  # never scaled below what preprocessing needs
+
+
+def test_probe_refuses_other_formats_with_415_and_corrupt_headers_with_422() -> None:
+    gif = _encoded(Image.new("L", (10, 10)), "GIF")
+    for body in (gif, b"hello world", b"BM" + b"\0" * 60):
+        error = _err(probe, body)
+        assert error.status_code == 415
+        assert "PNG, JPEG or WebP" in error.detail
+    assert _err(probe, b"").status_code == 400
+    for body in (b"\xff\xd8\xff\xe0" + b"\0" * 20, b"RIFF\0\0\0\0WEBPVP8 " + b"\0" * 8):
+        error = _err(probe, body)
+        assert error.status_code == 422
+        assert "corrupt or truncated" in error.detail
+        assert "0x" not in error.detail
+
+
+def test_decoded_pixels_over_the_limit_are_413_before_decoding() -> None:
+    phone = _encoded(Image.new("RGB", (4032, 3024), "white"), "JPEG", quality=50)
+    error = _err(lambda: to_model_input(phone, max_pixels=504 * 378 - 1))
+    assert error.status_code == 413
+    assert "4032x3024" in error.detail
+    # At 504 * 378 it is decoded (a blank page: refused as blank, not as too big).
+    assert _err(lambda: to_model_input(phone, max_pixels=504 * 378)).status_code == 422
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_jpeg_exif_orientation_is_applied(orientation: int) -> None:
+    upright = _bar_on_paper()
+    stored = upright.transpose(
+        {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}[orientation]
+    )
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    rotated = to_model_input(_encoded(stored, "JPEG", quality=95, exif=exif.tobytes()), max_pixels=MAX_PIXELS)
+    reference = to_model_input(_encoded(upright, "JPEG", quality=95), max_pixels=MAX_PIXELS)
+    assert np.abs(rotated - reference).max() < 0.1
+    digit = rotated.reshape(28, 28)
+    rows = np.flatnonzero(digit.max(axis=1) > 0.5)
+    cols = np.flatnonzero(digit.max(axis=0) > 0.5)
+    assert rows[-1] - rows[0] > 2 * (cols[-1] - cols[0])  # still a tall bar, not a lying one
+    assert digit[rows[-1] - 1, cols[-1]] > 0.5  # and its foot is bottom right
+
+
+def test_webp_and_jpeg_give_the_same_digit_as_png() -> None:
+    upright = _bar_on_paper()
+    reference = to_model_input(png_bytes(upright), max_pixels=MAX_PIXELS)
+    for body in (_encoded(upright, "WEBP", lossless=True), _encoded(upright, "JPEG", quality=95)):
+        assert np.abs(to_model_input(body, max_pixels=MAX_PIXELS) - reference).max() < 0.1
+    rgba = np.zeros((160, 120, 4), np.uint8)  # black ink on a transparent canvas, as WebP
+    rgba[30:130, 55:65, 3] = 255
+    rgba[120:130, 55:90, 3] = 255
+    webp = _encoded(Image.fromarray(rgba, "RGBA"), "WEBP", lossless=True)
+    assert np.abs(to_model_input(webp, max_pixels=MAX_PIXELS) - reference).max() < 0.1
+
+
+def test_to_model_input_shape_range_and_mnist_placement() -> None:
+    out = to_model_input(png_bytes(_bar_on_paper()), max_pixels=MAX_PIXELS)
+    assert out.shape == (1, 784)
+    assert out.dtype == np.float32
+    assert out.min() == 0.0
+    assert out.max() == pytest.approx(1.0)
+    digit = out.reshape(28, 28)
+    rows = np.flatnonzero(digit.max(axis=1) > 0.1)
+    assert 19 <= rows[-1] - rows[0] + 1 <= 21  # the 20x20 box
+    cy, cx = _center_of_mass(digit)
+    assert abs(cy - 14) <= 0.5
+    assert abs(cx - 14) <= 0.5
+
+
+def test_to_png_base64_is_the_row_as_a_28x28_png() -> None:
+    row = np.random.default_rng(5).random(784).astype(np.float32)
+    encoded = to_png_base64(row)
+    assert not encoded.startswith("data:")
+    image = Image.open(io.BytesIO(base64.b64decode(encoded)))
+    assert image.format == "PNG"
+    assert image.mode == "L"
+    assert image.size == (28, 28)
+    assert np.array_equal(np.asarray(image).reshape(784), (row * 255).round().astype(np.uint8))
+
+
+# -- What is not a digit ---------------------------------------------------------------------------
+
+
+def _noise_png(rng: np.random.Generator, kind: str) -> bytes:
+    if kind == "uniform":
+        pixels = rng.integers(0, 256, (200, 300, 3))
+    else:  # camera noise on light-grey paper, nothing written
+        pixels = rng.normal(200, 20, (200, 300, 3))
+    return png_bytes(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB"))
+
+
+@pytest.mark.parametrize("kind", ["uniform", "camera"])
+def test_pure_noise_is_refused(kind: str) -> None:
+    for seed in range(3):
+        body = _noise_png(np.random.default_rng(seed), kind)
+        error = _err(lambda body=body: to_model_input(body, max_pixels=MAX_PIXELS))
+        assert error.status_code == 422
+        assert "blank" in error.detail
+
+
+def test_near_blank_pictures_are_refused() -> None:
+    paper = np.full((200, 300), 235, np.uint8)
+    one_pixel = paper.copy()
+    one_pixel[100, 150] = 0
+    dot = paper.copy()
+    dot[98:101, 148:151] = 10
+    faint = paper.copy()
+    faint[40:160, 140:150] = 225  # a mark 4 % darker than the paper
+    gradient = np.tile(np.linspace(120, 250, 300), (200, 1)).astype(np.uint8)  # a shadow, no ink
+    for pixels in (paper, one_pixel, dot, faint, gradient):
+        body = png_bytes(Image.fromarray(pixels, "L"))
+        error = _err(lambda body=body: to_model_input(body, max_pixels=MAX_PIXELS))
+        assert error.status_code == 422
+        assert "blank" in error.detail
+
+
+# -- Real pictures: the cases the preprocessing is built for -----------------------------------------
+
+
+def _row_extent(digit: np.ndarray) -> int:
+    rows = np.flatnonzero(digit.reshape(28, 28).max(axis=1) > 0.3)
+    return int(rows[-1] - rows[0] + 1)
+
+
+def test_noise_shadow_lines_and_specks_do_not_move_the_box() -> None:
+    """The bar on grey, noisy, shadowed, ruled paper with specks gives the bar, as on clean paper."""
+    rng = np.random.default_rng(7)
+    reference = to_model_input(png_bytes(_bar_on_paper(300, 200)), max_pixels=MAX_PIXELS)
+    clean = np.asarray(_bar_on_paper(300, 200).convert("L"), np.float32) / 245
+    light = np.tile(np.linspace(1.0, 0.45, 300), (200, 1))  # the right side in shadow
+    paper = np.full((200, 300), 200.0)
+    paper[::25] = 150  # ruled lines every 25 px
+    paper[5:8, 5:8] = 40  # specks in the corners
+    paper[190:192, 290:293] = 40
+    photo = np.minimum(paper, clean * 200) * light + rng.normal(0, 15, (200, 300))
+    body = png_bytes(Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8), "L"))
+    out = to_model_input(body, max_pixels=MAX_PIXELS)
+    assert 19 <= _row_extent(out) <= 21
+    assert np.abs(out - reference).mean() < 0.05
+
+
+def test_a_small_digit_in_the_corner_of_a_big_canvas() -> None:
+    canvas = Image.new("RGB", (1200, 900), "white")
+    canvas.paste(_bar_on_paper().resize((30, 40)), (1150, 840))
+    out = to_model_input(png_bytes(canvas), max_pixels=MAX_PIXELS)
+    assert 19 <= _row_extent(out) <= 21
+    cy, cx = _center_of_mass(out.reshape(28, 28))
+    assert abs(cy - 14) <= 0.5
+    assert abs(cx - 14) <= 0.5
+
+
+@pytest.fixture(scope="module")
+def model_and_digits():  # noqa: ANN201
+    from app.registry import load_model, read_pointer, version_path
+    from bench.realworld import DEFAULT_DATA, load_mnist_test
+
+    raw = DEFAULT_DATA / "MNIST" / "raw"
+    if not raw.is_dir():
+        pytest.skip(f"real MNIST not found at {raw}; these tests need the real digits")
+    models = Path(__file__).resolve().parent.parent / "models"
+    model, _ = load_model(version_path(models, str(read_pointer(models))))
+    images, labels = load_mnist_test(DEFAULT_DATA)
+    return model, images, labels
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+def test_each_realworld_way_on_a_handful_of_digits(way: str, model_and_digits) -> None:  # noqa: ANN001
+    """Five test digits drawn this way (two for the 12-megapixel photo): at least four read right."""
+    from app.inference import predict_proba
+
+    model, images, labels = model_and_digits
+    digits = 2 if way == "phone_12mp" else 5
+    correct = 0
+    for sample in samples(images, labels, [way], digits, seed=3):
+        x = to_model_input(sample.body, max_pixels=MAX_PIXELS)
+        correct += int(predict_proba(model, x).argmax()) == sample.label
+    assert correct >= digits - 1, f"{way}: {correct} of {digits}"
