@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 
 from app.config import Settings
+from app.serving import current_model
 from app.store import ModelStore, ServedModel
 
 __all__ = ["ServedDep", "SettingsDep", "StoreDep", "read_body"]
@@ -25,10 +26,7 @@ async def _store(request: Request) -> ModelStore:
 
 async def _served(store: Annotated[ModelStore, Depends(_store)]) -> ServedModel:
     # Read once: the request keeps this model even if a reload swaps another in meanwhile.
-    served = store.current
-    if served is None:
-        raise HTTPException(503, "no model loaded yet")
-    return served
+    return current_model(store)
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]

@@ -59,6 +59,7 @@ __all__ = [
     "Pipeline",
     "available_cpus",
     "cgroup_cpu_limit",
+    "current_model",
     "declared_length",
 ]
 
@@ -169,6 +170,14 @@ class Budgets:
         return total
 
 
+def current_model(store: ModelStore) -> ServedModel:
+    """The model serving now, or 503 (with Retry-After) before one is loaded: every route asks here."""
+    served = store.current
+    if served is None:
+        raise InputError(503, "no model loaded yet", headers={"Retry-After": RETRY_AFTER})
+    return served
+
+
 def overloaded(why: str) -> InputError:
     return InputError(503, f"server busy: {why}; retry shortly", headers={"Retry-After": RETRY_AFTER})
 
@@ -202,10 +211,7 @@ class Pipeline:
 
     def served(self) -> ServedModel:
         """The model this request will use from start to end (read once), or 503 before there is one."""
-        served = self.store.current
-        if served is None:
-            raise InputError(503, "no model loaded yet", headers={"Retry-After": RETRY_AFTER})
-        return served
+        return current_model(self.store)
 
     async def handle(
         self,

@@ -1,6 +1,7 @@
 """The Open Inference Protocol (KServe v2) on the wire: request bodies in, response bodies out.
 
-Pure functions, no FastAPI and no torch, so every protocol rule is unit-tested without a server.
+Pure functions, no FastAPI and no torch, so every protocol rule is unit-tested without a server;
+:func:`infer_job` packages a request for the pipeline (app.serving).
 Turning tensor data into model input is left to :mod:`app.decode` (one set of value rules and
 limits for ``/predict`` and ``/v2``); this module handles the protocol's own structure:
 
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from app import __version__
+from app import __version__, image
 from app.decode import (
     image_elements,
     load_json_object,
@@ -36,6 +37,7 @@ from app.decode import (
     tensor_from_json,
 )
 from app.errors import InputError
+from app.serving import INLINE_BYTES, INLINE_PIXELS, Answer, Budgets, Decoded, Job
 
 __all__ = [
     "EXTENSIONS",
@@ -47,6 +49,7 @@ __all__ = [
     "OutputRequest",
     "decompress",
     "encode_infer_response",
+    "infer_job",
     "model_metadata",
     "parse_infer_request",
     "server_metadata",
@@ -310,6 +313,60 @@ def _classification(parameters: dict[str, Any], name: str) -> int | None:
     if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= CLASSES:
         raise InputError(400, f"'classification' must be an integer from 1 to {CLASSES}, got {count!r}")
     return count
+
+
+# --------------------------------------------------------------------------------------------
+# The request as the pipeline's job
+
+
+def _rows(request: InferRequest, budgets: Budgets) -> np.ndarray:
+    if request.x is not None:
+        return request.x
+    rows = []
+    for index, data in enumerate(request.images):
+        try:
+            rows.append(image.to_model_input(data, max_pixels=budgets.max_image_pixels))
+        except InputError as exc:
+            raise InputError(exc.status_code, f"'{INPUT_NAME}' element {index}: {exc.detail}") from None
+    return np.concatenate(rows)
+
+
+def _decoded(request: InferRequest, budgets: Budgets, version: str) -> Decoded:
+    x = _rows(request, budgets)
+
+    def encode(probs: np.ndarray) -> Answer:
+        payload, json_size = encode_infer_response(probs, request, version)
+        kind = f"v2_{request.datatype.lower()}"
+        if json_size is None:
+            return Answer(payload, kind, len(probs))
+        header = (("inference-header-content-length", str(json_size)),)
+        return Answer(payload, kind, len(probs), "application/octet-stream", header)
+
+    return x, encode
+
+
+def infer_job(body: bytes, header_length: str | None, encoding: str | None, budgets: Budgets, version: str) -> Job:
+    """An inference request body as the pipeline's :class:`~app.serving.Job`, its cost checked first.
+
+    A small uncompressed body is parsed here (its images only probed); a compressed or large one
+    is inflated and parsed in the job, off the event loop.
+    """
+
+    def parse(raw: bytes) -> InferRequest:
+        request = parse_infer_request(raw, header_length, budgets.max_batch, budgets.max_json_bytes)
+        if request.images:
+            budgets.check_images(list(request.images), where=f"input '{INPUT_NAME}' ")
+        return request
+
+    if (encoding or "identity").strip().lower() != "identity" or len(body) > INLINE_BYTES:
+        # Inflating and parsing cost what the body holds, not what it measures: all in a thread.
+        def decode_all() -> Decoded:
+            return _decoded(parse(decompress(body, encoding, budgets.max_body_bytes)), budgets, version)
+
+        return Job(decode_all, inline=False)
+    request = parse(body)
+    pixels = sum(image.probe(data).decoded_pixels for data in request.images)
+    return Job(lambda: _decoded(request, budgets, version), inline=pixels <= INLINE_PIXELS)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,29 +18,18 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
-import numpy as np
 import orjson
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
-from app import image
 from app.deps import StoreDep
 from app.errors import InputError
 from app.registry import list_versions
-from app.serving import INLINE_BYTES, INLINE_PIXELS, Answer, Budgets, Decoded, Job, Pipeline, declared_length
+from app.serving import Answer, Job, Pipeline, current_model, declared_length
 from app.store import ModelStore, ServedModel
-from app.v2_codec import (
-    INPUT_NAME,
-    MODEL_NAME,
-    InferRequest,
-    decompress,
-    encode_infer_response,
-    model_metadata,
-    parse_infer_request,
-    server_metadata,
-)
+from app.v2_codec import MODEL_NAME, infer_job, model_metadata, server_metadata
 
 __all__ = ["INFER_PATH", "answer", "error_body", "router"]
 
@@ -118,13 +107,6 @@ _INFER_OPENAPI: dict[str, Any] = {
 }
 
 
-def _served(store: ModelStore) -> ServedModel:
-    served = store.current  # read once: the whole request uses this model
-    if served is None:
-        raise InputError(503, "no model loaded yet")
-    return served
-
-
 def _check_model(name: str) -> None:
     if name != MODEL_NAME:
         raise InputError(404, f"unknown model {name!r}: this server serves '{MODEL_NAME}'")
@@ -167,14 +149,14 @@ async def server_ready(store: StoreDep) -> JSONResponse:
 @router.get("/models/{model_name}", summary="Model metadata: versions, inputs and outputs", responses=_ERRORS)
 async def model_meta(model_name: str, store: StoreDep) -> dict[str, Any]:
     _check_model(model_name)
-    served = _served(store)
+    served = current_model(store)
     return model_metadata(_versions(store, served), served.version)
 
 
 @router.get("/models/{model_name}/versions/{version}", summary="Metadata of a stored version", responses=_ERRORS)
 async def model_version_meta(model_name: str, version: str, store: StoreDep) -> dict[str, Any]:
     _check_model(model_name)
-    served = _served(store)
+    served = current_model(store)
     _check_version(store, served, version)
     return model_metadata(_versions(store, served), served.version)
 
@@ -193,7 +175,7 @@ async def model_ready(model_name: str, store: StoreDep) -> JSONResponse:
 )
 async def model_version_ready(model_name: str, version: str, store: StoreDep) -> JSONResponse:
     _check_model(model_name)
-    served = _served(store)
+    served = current_model(store)
     _check_version(store, served, version)
     ready = version == served.version
     return JSONResponse({"name": MODEL_NAME, "ready": ready}, status_code=200 if ready else 503)
@@ -201,50 +183,6 @@ async def model_version_ready(model_name: str, version: str, store: StoreDep) ->
 
 # --------------------------------------------------------------------------------------------
 # Inference
-
-
-def _rows(request: InferRequest, budgets: Budgets) -> np.ndarray:
-    if request.x is not None:
-        return request.x
-    rows = []
-    for index, data in enumerate(request.images):
-        try:
-            rows.append(image.to_model_input(data, max_pixels=budgets.max_image_pixels))
-        except InputError as exc:
-            raise InputError(exc.status_code, f"'{INPUT_NAME}' element {index}: {exc.detail}") from None
-    return np.concatenate(rows)
-
-
-def _decoded(request: InferRequest, budgets: Budgets, version: str) -> Decoded:
-    x = _rows(request, budgets)
-
-    def encode(probs: np.ndarray) -> Answer:
-        payload, json_size = encode_infer_response(probs, request, version)
-        kind = f"v2_{request.datatype.lower()}"
-        if json_size is None:
-            return Answer(payload, kind, len(probs))
-        header = (("inference-header-content-length", str(json_size)),)
-        return Answer(payload, kind, len(probs), "application/octet-stream", header)
-
-    return x, encode
-
-
-def _job(body: bytes, header_length: str | None, encoding: str | None, budgets: Budgets, version: str) -> Job:
-    def parse(raw: bytes) -> InferRequest:
-        request = parse_infer_request(raw, header_length, budgets.max_batch, budgets.max_json_bytes)
-        if request.images:
-            budgets.check_images(list(request.images), where=f"input '{INPUT_NAME}' ")
-        return request
-
-    if (encoding or "identity").strip().lower() != "identity" or len(body) > INLINE_BYTES:
-        # Inflating and parsing cost what the body holds, not what it measures: all in a thread.
-        def decode_all() -> Decoded:
-            return _decoded(parse(decompress(body, encoding, budgets.max_body_bytes)), budgets, version)
-
-        return Job(decode_all, inline=False)
-    request = parse(body)
-    pixels = sum(image.probe(data).decoded_pixels for data in request.images)
-    return Job(lambda: _decoded(request, budgets, version), inline=pixels <= INLINE_PIXELS)
 
 
 async def answer(
@@ -260,7 +198,7 @@ async def answer(
     budgets = pipeline.budgets
 
     def build(body: bytes, served: ServedModel) -> Job:
-        return _job(body, header_length, encoding, budgets, served.version)
+        return infer_job(body, header_length, encoding, budgets, served.version)
 
     result, served, _ = await pipeline.handle(
         receive, declared=declared, limit=budgets.max_body_bytes, started=started, build=build
@@ -304,7 +242,7 @@ async def infer(model_name: str, request: Request) -> Response:
 )
 async def infer_version(model_name: str, version: str, request: Request, store: StoreDep) -> Response:
     _check_model(model_name)
-    served = _served(store)
+    served = current_model(store)
     _check_version(store, served, version)
     if version != served.version:
         raise InputError(
