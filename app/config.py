@@ -117,7 +117,10 @@ class Settings(BaseSettings):
         30.0, gt=0, description="seconds a client has to send its whole body; then 408 and the connection is closed"
     )
     queue_timeout: float = Field(
-        1.0, gt=0, description="seconds a request may wait to be computed before it is answered 503 + Retry-After"
+        2.0,
+        gt=0,
+        description="seconds a request may wait for this worker (not counting its upload) before it is answered "
+        "503 + Retry-After",
     )
     max_inflight: int = Field(
         2048, ge=1, description="prediction requests in progress per worker; more are answered 503 + Retry-After"

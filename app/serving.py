@@ -238,7 +238,10 @@ class Pipeline:
         self.inflight += 1
         self.buffered += held
         try:
+            reading = time.perf_counter()
             body = await self.read_body(receive, declared, limit)
+            # The queue deadline counts waiting for this worker, not for the client's bytes.
+            started += time.perf_counter() - reading
             job = build(body, served)
             if not isinstance(job, Job):
                 job = await job

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=4096, help="concurrent connections (default %(default)s)")
     parser.add_argument("--duration", type=int, default=8, help="seconds of load (default %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="service workers (default %(default)s)")
-    parser.add_argument("--queue-timeout", type=float, default=1.0, help="MNIST_QUEUE_TIMEOUT (default %(default)s)")
+    parser.add_argument("--queue-timeout", type=float, default=2.0, help="MNIST_QUEUE_TIMEOUT (default %(default)s)")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         print("bench: wrk is not installed (apt-get install wrk)", file=sys.stderr)

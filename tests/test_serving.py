@@ -162,30 +162,46 @@ async def test_a_request_that_would_wait_past_the_queue_deadline_gets_503_retry_
 
 
 @pytest.mark.anyio
-async def test_inline_requests_that_waited_past_the_deadline_are_refused_not_run(models_dir: Path) -> None:
-    # Four requests arrive together; the slow model then blocks the event loop for 0.5 s per
-    # forward, so all but the first have waited past the 0.2 s deadline when their turn comes.
-    settings = Settings(model_dir=models_dir, reload_interval=0, queue_timeout=0.2, microbatch=False)
+async def test_the_deadline_counts_waiting_for_the_worker_not_for_the_upload(models_dir: Path) -> None:
+    from app.errors import InputError
+    from app.routes.predict import Options, answer
+
+    settings = Settings(model_dir=models_dir, reload_interval=0, queue_timeout=0.3)
     body = orjson.dumps({"pixels": [0.0] * 784})
 
-    async def two_parts() -> AsyncIterator[bytes]:
-        yield body[:100]
-        await asyncio.sleep(0.05)  # every request has arrived (and been stamped) by now
-        yield body[100:]
+    def receive_after(delay: float) -> object:
+        async def receive() -> dict[str, object]:
+            await asyncio.sleep(delay)  # a slow upload
+            return {"type": "http.request", "body": body, "more_body": False}
 
-    async with _client(settings, slow=0.5) as client:
-        responses = await asyncio.gather(
-            *(
-                client.post("/predict", content=two_parts(), headers={"content-type": "application/json"})
-                for _ in range(4)
+        return receive
+
+    app = create_app(settings)
+    async with app.lifespan():
+        pipeline = app.state.pipeline
+
+        async def predict(started: float, upload: float) -> int:
+            result, _ = await answer(
+                pipeline,
+                receive_after(upload),
+                media="application/json",
+                content_type="application/json",
+                declared=len(body),
+                started=started,
+                options=Options(),
             )
-        )
-    statuses = sorted(r.status_code for r in responses)
-    assert statuses == [200, 503, 503, 503]
-    for response in responses:
-        if response.status_code == 503:
-            assert response.headers["retry-after"] == "1"
-            assert "waited over 0.2 s" in response.json()["detail"]
+            return result.count
+
+        now = time.perf_counter()
+        # An upload that takes longer than the deadline is not a wait: answered.
+        assert await predict(now, upload=0.5) == 1
+        # A request that arrived 0.5 s ago and is only now being handled (a blocked event loop,
+        # say) has waited past the deadline: refused without being computed.
+        with pytest.raises(InputError) as refused:
+            await predict(time.perf_counter() - 0.5, upload=0.0)
+        assert refused.value.status_code == 503
+        assert refused.value.headers == {"Retry-After": "1"}
+        assert "waited over 0.3 s" in refused.value.detail
 
 
 @pytest.mark.anyio
