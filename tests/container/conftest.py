@@ -202,6 +202,8 @@ def image(engine: Engine, report: Callable[[str], None], tmp_path_factory: pytes
     took = time.monotonic() - started
     if result.returncode != 0:
         pytest.fail(f"{engine.cli} build failed after {took:.0f} s:\n{log.read_text()[-4000:]}")
+    # The previous run's image, untagged by this build: its unique layers go (the cache stays).
+    engine("image", "prune", "--force", "--filter", f"label={LABEL}", check=False, timeout=600)
     size = int(engine("image", "inspect", "--format", "{{.Size}}", TEST_IMAGE).stdout.strip())
     report(f"image {TEST_IMAGE}: built in {took:.0f} s with {engine.cli}, {size / 1e9:.2f} GB (EXTRAS=train)")
     return TEST_IMAGE
