@@ -9,30 +9,35 @@
 # without registry access pass a local image: --build-arg BASE_IMAGE=python:3.11-slim-bookworm
 ARG BASE_IMAGE=python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b
 
+# --- requirements: the dependency list, read from pyproject.toml ----------------------------------
+FROM ${BASE_IMAGE} AS requirements
+# Extras from pyproject.toml: "train" lets the image train too; --build-arg EXTRAS= serves only.
+ARG EXTRAS=train
+WORKDIR /src
+COPY pyproject.toml ./
+RUN python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb')); \
+extras = [p['project']['optional-dependencies'][e] for e in sys.argv[1].split(',') if e]; \
+open('/src/requirements.txt', 'w').write('\n'.join(p['project']['dependencies'] + sum(extras, [])))" \
+    "${EXTRAS}"
+
 # --- deps: a virtual environment holding the dependencies alone ---------------------------------
 FROM ${BASE_IMAGE} AS deps
 # PyTorch's wheel index beside PyPI: its "+cpu" (or "+cu126") builds rank above PyPI's CUDA ones.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-# Extras from pyproject.toml: "train" lets the image train too; --build-arg EXTRAS= serves only.
-ARG EXTRAS=train
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
-WORKDIR /src
-# Read from pyproject.toml alone: this slow layer (and the runtime's copy of it) is rebuilt only
-# when pyproject.toml or a build argument changes, never for a code change.
-COPY pyproject.toml ./
-RUN python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb')); \
-extras = [p['project']['optional-dependencies'][e] for e in sys.argv[1].split(',') if e]; \
-open('/tmp/requirements.txt', 'w').write('\n'.join(p['project']['dependencies'] + sum(extras, [])))" \
-    "${EXTRAS}" \
-    && pip install --extra-index-url "${TORCH_INDEX}" -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
+# Keyed on the list itself, not on pyproject.toml: this slow layer (and the runtime's copy of
+# it) is rebuilt only when the dependencies, the extras or TORCH_INDEX change; a new dev tool,
+# a version bump or a code change leaves it cached.
+COPY --from=requirements /src/requirements.txt /tmp/requirements.txt
+RUN pip install --extra-index-url "${TORCH_INDEX}" -r /tmp/requirements.txt
 
 # --- build: the project as a wheel (its build backend lives only in pip's isolated build env) ----
 FROM deps AS build
-COPY README.md LICENSE ./
+WORKDIR /src
+COPY pyproject.toml README.md LICENSE ./
 COPY app/ app/
 COPY training/ training/
 RUN pip wheel --no-deps --wheel-dir /wheels .
