@@ -9,6 +9,7 @@ or Chromium cannot start. ``UPDATE_SCREENSHOT=1`` copies the drawn-7 screenshot 
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import re
@@ -108,12 +109,14 @@ class Pad:
         self.server = server
         self.problems: list[str] = []
         self.predict_requests: list[tuple[dict[str, str], bytes]] = []  # (headers, body) of each POST /predict
+        self.predict_urls: list[str] = []
+        self.predict_answers: dict[int, dict[str, Any]] = {}  # request index -> the JSON of its 200 answer
         self.foreign_requests: list[str] = []
         page.on("console", self._console)
         page.on("pageerror", lambda exc: self.problems.append(f"page error: {exc}"))
         page.on("request", self._request)
         # Routed rather than observed: only an intercepted request exposes a Blob body to the test.
-        page.route(f"{server.base_url}/predict", self._predict)
+        page.route(re.compile(re.escape(server.base_url) + r"/predict(\?.*)?$"), self._predict)
 
     def _console(self, message: Any) -> None:
         # A CSP violation, a failed asset or a script error all land here as errors.
@@ -127,8 +130,17 @@ class Pad:
     def _predict(self, route: Any) -> None:
         request = route.request
         assert request.method == "POST"
+        index = len(self.predict_requests)
         self.predict_requests.append((request.headers, request.post_data_buffer or b""))
-        route.continue_()
+        self.predict_urls.append(request.url)
+        try:
+            response = route.fetch()
+            body = response.body()
+            route.fulfill(response=response, body=body)
+        except sync_api.Error:
+            return  # the page dropped this request for a newer one (a stroke went on)
+        if response.status == 200:
+            self.predict_answers[index] = json.loads(body)
 
     @property
     def result(self) -> Any:
@@ -176,6 +188,15 @@ class Pad:
             for row in rows.all()
         ]
 
+    def seen(self) -> list[int]:
+        """The grey levels of the page's 28x28 "what the model saw" canvas, row by row."""
+        return self.page.evaluate(
+            """() => {
+                const data = document.getElementById("seen-canvas").getContext("2d").getImageData(0, 0, 28, 28).data;
+                return Array.from({ length: 784 }, (_, i) => data[4 * i]);
+            }"""
+        )
+
     def shot(self, path: Path) -> Path:
         self.page.screenshot(path=str(path), full_page=True)
         assert path.stat().st_size > 1000
@@ -198,11 +219,11 @@ def pad(browser: Any, server: Server) -> Iterator[Pad]:
     pad.assert_clean()
 
 
-def _detail(server: Server, body: bytes) -> str:
-    """What the server itself says about this PNG body (the page must show this very text)."""
-    response = httpx.post(f"{server.base_url}/predict", content=body, headers={"Content-Type": "image/png"})
-    assert response.status_code == 422
-    return str(response.json()["detail"])
+def _detail(server: Server, body: bytes, mime: str) -> tuple[int, str]:
+    """What the server itself says about this body sent as ``mime`` (the page must show this very text)."""
+    response = httpx.post(f"{server.base_url}/predict", content=body, headers={"Content-Type": mime})
+    assert response.status_code in (415, 422)
+    return response.status_code, str(response.json()["detail"])
 
 
 def _blank_png() -> bytes:
@@ -308,11 +329,12 @@ def test_server_errors_are_shown_to_the_user(pad: Pad, server: Server, tmp_path:
     not_png = b"these are not the pixels you are looking for\n"
     blank = _blank_png()
     for name, body, mime in (("notes.txt", not_png, "text/plain"), ("blank.png", blank, "image/png")):
-        expected = _detail(server, body)
+        status, expected = _detail(server, body, mime)
         file_input.set_input_files(files=[{"name": name, "mimeType": mime, "buffer": body}])
         assert pad.wait_settled() == "error"
+        assert pad.predict_requests[-1][0]["content-type"] == mime  # sent as what it is
         expect(pad.error).to_be_visible()
-        expect(pad.error).to_contain_text("422")
+        expect(pad.error).to_contain_text(str(status))
         expect(pad.error).to_contain_text(expected)
         expect(pad.label).to_have_text("?")
         assert {text for _, text, _, _ in pad.chart()} == {"–"}
@@ -323,8 +345,8 @@ def test_server_errors_are_shown_to_the_user(pad: Pad, server: Server, tmp_path:
     assert pad.wait_settled() == "done"
     expect(pad.error).to_be_hidden()
     expect(pad.label).to_have_text("7")
-    # The console errors Chromium logs for the two 422 responses are expected here, nothing else.
-    pad.problems[:] = [p for p in pad.problems if "status of 422" not in p]
+    # The console errors Chromium logs for the two 4xx responses are expected here, nothing else.
+    pad.problems[:] = [p for p in pad.problems if "status of 422" not in p and "status of 415" not in p]
 
 
 def test_phone_width_layout_and_finger_drawing(browser: Any, server: Server, tmp_path: Path) -> None:
@@ -343,7 +365,7 @@ def test_phone_width_layout_and_finger_drawing(browser: Any, server: Server, tmp
         assert box["x"] >= 0
         assert box["x"] + box["width"] <= width
         assert box["width"] >= 250
-        for name in ("Clear", "Upload a PNG…"):
+        for name in ("Clear", "Upload an image…"):
             button = page.get_by_role("button", name=name).bounding_box()
             assert button is not None
             assert button["height"] >= 44
@@ -365,3 +387,55 @@ def test_phone_width_layout_and_finger_drawing(browser: Any, server: Server, tmp
         pad.assert_clean()
     finally:
         context.close()
+
+
+def test_the_pad_shows_what_the_model_saw(pad: Pad, tmp_path: Path) -> None:
+    """The 28x28 input comes back with the answer (include=input) and is drawn beside it, pixelated."""
+    seen = pad.page.locator("#seen")
+    expect(seen).to_be_hidden()
+    pad.draw(DIGITS["7"])
+    assert pad.wait_settled() == "done"
+    expect(pad.label).to_have_text("7")
+    expect(seen).to_be_visible()
+    expect(seen).to_contain_text("What the model saw")
+    assert all(url.endswith("/predict?include=input") for url in pad.predict_urls)
+    answer = pad.predict_answers[len(pad.predict_requests) - 1]  # the answer to the last request: the one shown
+    pixels = answer["input"]["pixels"]
+    assert len(pixels) == 784
+    shown = pad.seen()
+    assert shown == [round(255 * min(1.0, max(0.0, v))) for v in pixels]
+    # MNIST-like: a white digit on black, most of the square black.
+    assert sum(v == 0 for v in shown) > 400
+    box = pad.page.locator("#seen-canvas").bounding_box()
+    assert box is not None
+    assert box["width"] == box["height"] >= 56  # scaled up...
+    rendering = pad.page.locator("#seen-canvas").evaluate("e => getComputedStyle(e).imageRendering")
+    assert rendering == "pixelated"  # ...with square pixels
+    pad.shot(tmp_path / "seen.png")
+
+    # An error hides it again: a stale picture next to a message would mislead.
+    pad.page.locator("#file").set_input_files(
+        files=[{"name": "blank.png", "mimeType": "image/png", "buffer": _blank_png()}]
+    )
+    assert pad.wait_settled() == "error"
+    expect(seen).to_be_hidden()
+    pad.problems[:] = [p for p in pad.problems if "status of 422" not in p]
+
+
+@pytest.mark.parametrize(("fmt", "mime"), [("JPEG", "image/jpeg"), ("WEBP", "image/webp")])
+def test_upload_of_a_photo_format(pad: Pad, tmp_path: Path, fmt: str, mime: str) -> None:
+    """A JPEG or WebP (what phones and chat apps produce) is sent as itself and recognised."""
+    with Image.open(SEVEN_PNG) as seven:
+        photo = seven.convert("RGB").resize((seven.width * 4, seven.height * 4))
+    buffer = io.BytesIO()
+    photo.save(buffer, format=fmt, quality=90)
+    name = f"seven.{fmt.lower()}"
+    pad.page.locator("#file").set_input_files(files=[{"name": name, "mimeType": mime, "buffer": buffer.getvalue()}])
+    assert pad.wait_settled() == "done", pad.error.inner_text()
+    expect(pad.label).to_have_text("7")
+    expect(pad.page.locator("#status")).to_contain_text(name)
+    expect(pad.page.locator("#seen")).to_be_visible()
+    headers, body = pad.predict_requests[-1]
+    assert headers["content-type"] == mime
+    assert body == buffer.getvalue()
+    pad.shot(tmp_path / f"uploaded-{name}.png")

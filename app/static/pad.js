@@ -1,5 +1,7 @@
-// Digit pad: draw on the canvas (pointer events: mouse, pen, finger) or upload a PNG; the image is
-// posted as image/png to POST /predict, so it goes through the server's own MNIST normalisation.
+// Digit pad: draw on the canvas (pointer events: mouse, pen, finger) or upload a PNG, JPEG or WebP;
+// the image is posted to POST /predict?include=input, so it goes through the server's own MNIST
+// normalisation, and the 28x28 image the model was given comes back and is shown beside the answer
+// (a preprocessing failure looks different from a model failure).
 // URLs are relative ("predict", "model") so the page also works when mounted under a path prefix.
 "use strict";
 
@@ -20,6 +22,8 @@
   const answeredEl = $("answered");
   const modelEl = $("model");
   const fileInput = $("file");
+  const seenEl = $("seen");
+  const seenCtx = $("seen-canvas").getContext("2d");
   const rows = Array.from(document.querySelectorAll("#chart tbody tr"));
 
   let knownVersion = null;
@@ -134,12 +138,12 @@
     const token = seq;
     canvas.toBlob((blob) => {
       if (token !== seq || !dirty) return; // cleared (or an upload chosen) while encoding
-      if (blob) send(blob, "your drawing");
+      if (blob) send(blob, "your drawing", "image/png");
       else showError("the browser could not encode the drawing as PNG");
     }, "image/png");
   }
 
-  async function send(body, source) {
+  async function send(body, source, type) {
     const mine = ++seq;
     if (inFlight) inFlight.abort();
     const controller = new AbortController();
@@ -149,9 +153,9 @@
     let response;
     let payload = null;
     try {
-      response = await fetch("predict", {
+      response = await fetch("predict?include=input", {
         method: "POST",
-        headers: { "Content-Type": "image/png", Accept: "application/json" },
+        headers: { "Content-Type": type, Accept: "application/json" },
         body,
         signal: controller.signal,
       });
@@ -187,7 +191,24 @@
     result.setAttribute("aria-busy", state === "pending" ? "true" : "false");
   }
 
+  function showSeen(input) {
+    // input.pixels: the 784 values in [0, 1] the model was given, row by row (white digit on black).
+    const pixels = input && input.pixels;
+    if (!Array.isArray(pixels) || pixels.length !== 784) {
+      seenEl.hidden = true;
+      return;
+    }
+    const image = seenCtx.createImageData(28, 28);
+    pixels.forEach((value, i) => {
+      const v = Math.round(255 * Math.min(1, Math.max(0, value)));
+      image.data.set([v, v, v, 255], 4 * i);
+    });
+    seenCtx.putImageData(image, 0, 0);
+    seenEl.hidden = false;
+  }
+
   function resetChart() {
+    seenEl.hidden = true;
     for (const row of rows) {
       row.classList.remove("top");
       row.querySelector(".fill").style.width = "0";
@@ -207,6 +228,7 @@
       row.querySelector(".pct").textContent = percent(p);
     });
     labelEl.textContent = String(label);
+    showSeen(payload.input);
     statusEl.textContent = `Predicted ${label} with probability ${percent(probs[label])} (from ${source}).`;
     answeredEl.textContent = `Answered by model ${payload.model_version} in ${Math.round(elapsed)} ms.`;
     if (payload.model_version !== knownVersion) loadModelInfo(); // a reload happened: refresh the header
@@ -272,8 +294,9 @@
     cancelPending();
     blank();
     showingUpload = true;
-    // The server judges the file, whatever its name or type: a bad file gets the server's message.
-    send(file, file.name);
+    // The server judges the file: it is sent as it is, with its own type (a PNG, JPEG or WebP),
+    // and anything else gets the server's own message about it.
+    send(file, file.name, file.type || "application/octet-stream");
     await preview(file);
   });
 
