@@ -35,6 +35,8 @@ from bench.workloads import Request, Workload
 ROOT = Path(__file__).resolve().parent.parent
 # Every peer the harness knows, in the order the table lists them.
 PEERS = ("naive", "litserve", "triton", "mlserver", "bentoml", "ray", "ray-64")
+# Stands for the port in a server's command and environment: a free one is picked at each start.
+PORT = "{port}"
 # The peers that need a venv of their own (bench.venvs), by server key.
 PEER_ENVS = {"triton": "triton", "mlserver": "mlserver", "bentoml": "bentoml", "ray": "ray", "ray-64": "ray"}
 
@@ -86,11 +88,28 @@ class Server:
     install_s: float | None = None  # how long building its venv took, in this run
     idle_cores: float = 0.0  # CPU it uses with nothing to do, in cores
 
-    def start(self, timeout: float = 180) -> None:
-        log = self.log_path.open("wb")
+    def start(self, timeout: float = 180, attempts: int = 1) -> None:
+        """Start and wait until ready; ``attempts`` > 1 tries again (on a fresh port) after a failed start."""
+        for attempt in range(1, attempts + 1):
+            try:
+                self._start(timeout)
+                return
+            except RuntimeError as exc:
+                self.stop()
+                if attempt == attempts:
+                    raise
+                print(f"   {self.label}: {exc}; starting again", flush=True)
+
+    def _start(self, timeout: float) -> None:
+        # The port is picked now, not when the server was defined: another program may have taken
+        # one picked minutes ago, and would then answer the readiness check in its place.
+        self.port = free_port()
+        command = [part.replace(PORT, str(self.port)) for part in self.command]
+        env = {k: v.replace(PORT, str(self.port)) for k, v in self.env.items()}
+        log = self.log_path.open("ab")
         self.started_s = time.monotonic()
         self.proc = subprocess.Popen(
-            self.command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         deadline = self.started_s + timeout
         while time.monotonic() < deadline:
@@ -106,7 +125,6 @@ class Server:
             except OSError:
                 pass
             time.sleep(0.05)
-        self.stop()
         raise RuntimeError(f"{self.label} not ready after {timeout:g} s; see {self.log_path}")
 
     def _wait_all_workers(self, deadline: float) -> None:
@@ -295,7 +313,7 @@ def make_service(
     device: str | None = None,
 ) -> Server:
     key = f"service-batch-{'on' if batching else 'off'}"
-    port = free_port()
+    port = PORT
     env = _base_env() | {
         "MNIST_HOST": "127.0.0.1",
         "MNIST_PORT": str(port),
@@ -316,7 +334,7 @@ def make_service(
         python,
         service_requests(workloads, batching),
         workers,
-        port,
+        0,  # chosen at start
     )
 
 
@@ -324,7 +342,7 @@ def make_peer(
     key: str, python: str, workers: int, workloads: Mapping[str, Workload], logs: Path, runtime: Path
 ) -> Server:
     """The peer ``key`` (one of :data:`PEERS`) under ``python``, with ``workers`` workers."""
-    port = free_port()
+    port = PORT
     env = _base_env() | {"PYTHONPATH": str(ROOT)}
     n = str(workers)
     if key == "naive":
@@ -340,7 +358,7 @@ def make_peer(
             python,
             _predict_style(workloads),
             workers,
-            port,
+            0,  # chosen at start
         )
     if key == "litserve":
         command = [python, "-m", "bench.peers.litserve_app", "--port", str(port), "--workers", n]
@@ -355,7 +373,7 @@ def make_peer(
             python,
             _predict_style(workloads),
             workers,
-            port,
+            0,  # chosen at start
         )
     if key == "triton":
         # The Python backend stub must load this interpreter's libpython, not a system one.
@@ -378,12 +396,12 @@ def make_peer(
             "peer",
             command,
             env,
-            "/v2/health/ready",
+            "/v2/models/mnist_png/ready",  # the last model bound: all are loaded
             logs / f"{key}.log",
             python,
             requests,
             workers,
-            port,
+            0,  # chosen at start
             notes=f"{n} instances, dynamic batching (max 64 rows)",
         )
     if key == "mlserver":
@@ -418,7 +436,7 @@ def make_peer(
             python,
             requests,
             workers,
-            port,
+            0,  # chosen at start
             notes=f"{n} parallel workers, no adaptive batching",
         )
     if key == "bentoml":
@@ -436,7 +454,7 @@ def make_peer(
             python,
             _predict_style(workloads),
             workers,
-            port,
+            0,  # chosen at start
             notes=f"{n} workers, no adaptive batching",
         )
     if key in ("ray", "ray-64"):
@@ -457,7 +475,7 @@ def make_peer(
             python,
             _predict_style(workloads),
             workers,
-            port,
+            0,  # chosen at start
             notes=notes,
         )
     raise ValueError(f"unknown peer {key!r}: pick from {', '.join(PEERS)}")
