@@ -57,6 +57,8 @@ STARTUP_ATTEMPTS = 4
 # The pointer watch: the first retry of a transient failure, doubling up to the cap.
 RETRY_FIRST_DELAY = 0.5
 RETRY_MAX_DELAY = 30.0
+# The watch's memory of "no pointer at all", beside (version, mtime, size) of a refused file.
+_NO_POINTER = ("no-pointer", 0, 0)
 
 
 class ReloadError(Exception):
@@ -187,6 +189,13 @@ class ModelStore:
             candidates.append((state.last_good, "the last good version"))
         candidates += [(v, "the newest version that passes") for v in reversed(state.versions)]
         failures = [f"{problem[0]}: {problem[1]}"] if problem else []
+        # What the watch would find: remembered, so that it does not try (and report) it all over again.
+        if state.problem_kind == "missing-file" and state.current is not None:
+            self._rejected = _file_key(state.current, version_path(self.models_dir, state.current))
+        elif state.problem_kind == "invalid":
+            self._rejected = (f"invalid:{state.problem}", 0, 0)
+        elif state.problem_kind in ("absent", "empty"):
+            self._rejected = _NO_POINTER
         tried: set[str] = set()
         for version, role in candidates:
             if version in tried:
@@ -359,9 +368,8 @@ class ModelStore:
             logger.warning("CURRENT could not be read, trying again next time: %s", exc)
             return
         if version is None:
-            key = ("no-pointer", 0, 0)
-            if key != self._rejected:
-                self._rejected = key
+            if self._rejected != _NO_POINTER:
+                self._rejected = _NO_POINTER
                 self._set_problem(self.pointer_path, "is missing or empty", f"{self.serving_version} (kept)")
             return
         if version == self.serving_version:

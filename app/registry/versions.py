@@ -160,9 +160,11 @@ class FolderState:
     versions: list[str]
     current: str | None  # the name CURRENT holds, when it holds a valid one (the file may be missing)
     last_good: str | None  # LAST_GOOD's version when it names a stored one
-    # Why CURRENT does not name a stored version (None when it does): the file at fault and what is wrong.
+    # Why CURRENT does not name a stored version (None when it does): the file at fault, what is
+    # wrong, and which kind of wrong: "absent", "empty", "invalid", "unreadable" or "missing-file".
     problem_file: Path | None = None
     problem: str | None = None
+    problem_kind: str | None = None
 
     @property
     def pointer_path(self) -> Path:
@@ -181,18 +183,19 @@ def inspect_folder(models_dir: Path) -> FolderState:
     current: str | None = None
     problem_file: Path | None = pointer
     problem: str | None = None
+    kind: str | None = None
     try:
         current = read_pointer(directory)
     except PointerError as exc:
-        problem = exc.problem
+        problem, kind = exc.problem, "invalid"
     except OSError as exc:
-        problem = f"could not be read ({type(exc).__name__}: {exc})"
+        problem, kind = f"could not be read ({type(exc).__name__}: {exc})", "unreadable"
     if problem is None:
         if current is None:
-            problem = "is empty" if pointer.exists() else "does not exist"
+            problem, kind = ("is empty", "empty") if pointer.exists() else ("does not exist", "absent")
         elif current not in versions:
             problem_file = version_path(directory, current)
-            problem = f"no such checkpoint file ({POINTER_NAME} names {current})"
+            problem, kind = f"no such checkpoint file ({POINTER_NAME} names {current})", "missing-file"
     try:
         last_good = read_last_good(directory)
     except (PointerError, OSError):
@@ -204,6 +207,7 @@ def inspect_folder(models_dir: Path) -> FolderState:
         last_good=last_good if last_good in versions else None,
         problem_file=problem_file if problem is not None else None,
         problem=problem,
+        problem_kind=kind,
     )
 
 
