@@ -76,8 +76,13 @@ DRAFT_TARGET = 256
 ANALYSIS = 160
 # A digit box smaller than this at the analysis size is cropped from the full picture and redone.
 MIN_BOX = 32
+# The background grid's blocks are at least this many pixels: at MNIST's own size one block
+# (and the 3x3 opening over them) is already wider than a stroke.
+MIN_BLOCK = 8
 # A mark smaller than this (in the picture's own pixels, both ways) is a dot, not a digit.
 MIN_DIGIT = 6
+# Below this noise level (in [0, 1] units: under one grey level) a picture is clean.
+CLEAN_NOISE = 1 / 255
 # The ink's strength is read at the pixel of this rank, counted from the brightest.
 PEAK_RANK = 8
 # MNIST's stroke width in 28x28 pixels: median, and the 5th and 95th percentiles of the test set.
@@ -331,7 +336,7 @@ def _prepare(
     # follow, the rest of a line): nothing at or below it is ink.
     residue = _residue(ink, levels, threshold)
     threshold = max(threshold, 1.5 * residue)
-    keep, box = _digit_region(ink, threshold)
+    keep, box = _digit_region(ink, threshold, clean=noise < CLEAN_NOISE)
     top, bottom, left, right = box
     if max(bottom - top, right - left) * factor < MIN_DIGIT:
         raise InputError(422, "the image is nearly blank: its only mark is a dot, too small to be a digit")
@@ -392,7 +397,7 @@ def _background_grid(bright: np.ndarray) -> tuple[np.ndarray, int]:
     the work, and the same paper.
     """
     height, width = bright.shape
-    block = max(2, math.ceil(max(height, width) / 12))
+    block = max(MIN_BLOCK, math.ceil(max(height, width) / 12))
     source, step = bright, block
     if block >= 8:
         block += block % 2
@@ -517,13 +522,17 @@ def _peak(ink: np.ndarray, levels: np.ndarray) -> float:
     return float(at_level.max()) if at_level.size else level / _LEVELS
 
 
-def _digit_region(ink: np.ndarray, threshold: float) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+def _digit_region(
+    ink: np.ndarray, threshold: float, clean: bool = False
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """The digit's pixels (a 0/1 mask) and box (top, bottom, left, right; exclusive ends).
 
     Ink above ``threshold`` is grouped on a coarse grid (8-connected cells); the heaviest group is
     the digit, long groups along the border (paper edges) count for less, and other groups join
     it only when they are close to it and not negligible (the separate bar of a 5, a broken pen
-    line), so isolated specks and marks far away never stretch the box.
+    line), so isolated specks and marks far away never stretch the box. In a ``clean`` picture (no
+    measurable noise) the cells around the chosen ones are kept too: whatever faint is there is
+    the strokes' own soft edge, not noise.
     """
     height, width = ink.shape
     mask = ink > threshold
@@ -542,7 +551,7 @@ def _digit_region(ink: np.ndarray, threshold: float) -> tuple[np.ndarray, tuple[
     components.sort(key=lambda c: c[0], reverse=True)
     _, main_weight, (y0, y1, x0, x1), _, _ = components[0]
     chosen = [components[0]]
-    reach = max(1, round(0.3 * max(y1 - y0, x1 - x0)))
+    reach = max(1, round(0.5 * max(y1 - y0, x1 - x0)))
     changed = True
     while changed:
         changed = False
@@ -556,6 +565,10 @@ def _digit_region(ink: np.ndarray, threshold: float) -> tuple[np.ndarray, tuple[
                 y0, y1, x0, x1 = min(y0, cy0), max(y1, cy1), min(x0, cx0), max(x1, cx1)
                 changed = True
     keep_cells = np.isin(labels, [comp[4] for comp in chosen])
+    if max(height, width) <= 2 * SIDE:
+        keep_cells[:] = True  # MNIST's own size: the picture is the digit, every mark in it counts
+    elif clean:
+        keep_cells = _dilate(keep_cells, 1)
     keep = np.broadcast_to(keep_cells[:, None, :, None], (gh, cell, gw, cell)).reshape(gh * cell, gw * cell)
     keep = keep[:height, :width]
     inside = mask & keep

@@ -604,7 +604,7 @@ def report(results: dict, title: str) -> tuple[float, float]:
         for index, error in row["errors"][:2]:
             print(f"    test #{index}: {error}")
     overall = correct / total if total else 0.0
-    print(f"{'overall':<16} {total:>6} {overall:>9.1%}   worst way {worst:.1%}")
+    print(f"{'overall':<16} {total:>6} {overall:>9.2%}   worst way {worst:.1%}")
     return overall, worst
 
 

@@ -54,3 +54,27 @@ def test_http_path_accuracy(
         accuracy = float((drawn == y).mean())
         print(f"{mode} 280x280 drawn digits: {accuracy:.1%} (direct 28x28 model call: {direct_accuracy:.1%})")
         assert accuracy >= 0.97, f"{mode}: {accuracy:.1%}"
+
+
+def test_http_realworld_pictures(server_factory: Callable[..., Server], models_dir: Path, mnist_test) -> None:  # noqa: ANN001
+    """bench/realworld.py's twelve ways over HTTP, each as its own media type (PNG, JPEG, WebP).
+
+    Ten test digits a way (three 12-megapixel JPEGs): none refused, and 95 % read right overall
+    (the full bench, 200 a way, is ``python -m bench.realworld --http``; docs/images.md has its figures).
+    """
+    from bench.realworld import MEDIA, WAYS, samples
+
+    images = (mnist_test.x.numpy().reshape(-1, 28, 28) * 255).round().astype(np.uint8)
+    labels = mnist_test.y.numpy()
+    server = server_factory(env={"MNIST_MODEL_DIR": str(models_dir), "MNIST_ACCESS_LOG": "false"})
+    correct = total = 0
+    with server.client() as client:
+        for way in WAYS:
+            digits = 3 if way == "phone_12mp" else 10
+            for sample in samples(images, labels, [way], digits, seed=5):
+                response = client.post("/predict", content=sample.body, headers={"content-type": MEDIA[sample.fmt]})
+                assert response.status_code == 200, f"{way} #{sample.index}: {response.text}"
+                correct += response.json()["label"] == sample.label
+                total += 1
+    print(f"real-world pictures over HTTP: {correct} of {total}")
+    assert correct >= 0.95 * total, f"{correct} of {total}"
