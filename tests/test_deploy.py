@@ -713,3 +713,8 @@ def test_k8s_init_container_seeds_an_empty_volume_once(tmp_path: Path, models_di
     write_pointer(volume, newer.stem)
     assert "already serves" in run()
     assert read_pointer(volume) == newer.stem
+
+    # A corrupt CURRENT does not stop the pod: the workers fall back to the last good version.
+    (volume / "CURRENT").write_bytes(b"\xff\n")
+    assert "left as it is" in run()
+    assert (volume / "CURRENT").read_bytes() == b"\xff\n"
