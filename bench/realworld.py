@@ -5,6 +5,7 @@
     .venv/bin/python -m bench.realworld --url http://host:8000 --digits 50 --ways noisy_photo,phone_12mp
     .venv/bin/python -m bench.realworld --mnist              # the 10,000 test digits as 28x28 PNGs
     .venv/bin/python -m bench.realworld --save /tmp/rw --digits 5   # write the pictures to look at
+    .venv/bin/python -m bench.realworld --speed              # preprocessing time per image, peak RSS
 
 Each way renders its own slice of a seeded permutation of the test set, with its parameters drawn
 at random per digit from realistic ranges (``--seed``), so every run sees the same pictures. The
@@ -637,6 +638,57 @@ def saved(folder: Path, ways: list[str]) -> Iterator[Sample]:
             yield Sample(way, int(index), int(label.removeprefix("label")), path.read_bytes(), path.suffix[1:])
 
 
+def speed(images: np.ndarray, rounds: int) -> None:
+    """Preprocessing time per image (``to_model_input``, decode included) and the 12 MP photo's peak RSS."""
+    import statistics
+    import tempfile
+
+    from app.image import to_model_input
+
+    # The HTTP bench's png280 workload: the digit as the pad sends it, dark ink on white, RGB.
+    ink = Image.fromarray(images[0], mode="L").resize((200, 200), Image.Resampling.BICUBIC)
+    canvas = Image.new("L", (280, 280), 0)
+    canvas.paste(ink, (40, 40))
+    picture = Image.fromarray(np.stack([255 - np.asarray(canvas)] * 3, axis=-1), mode="RGB")
+    bodies = {
+        "280x280 RGB PNG": _encode(picture, "PNG"),
+        "280x280 JPEG": _encode(picture, "JPEG", quality=90),
+        "12 MP phone JPEG": phone_12mp(images[0], np.random.default_rng(0))[0],
+    }
+    print(f"{'workload':<18} {'bytes':>9} {'median ms':>10} {'best ms':>8}")
+    for name, body in bodies.items():
+        count = rounds if "12 MP" not in name else max(3, rounds // 20)
+        to_model_input(body, max_pixels=4096 * 4096)
+        times = []
+        for _ in range(count):
+            start = time.perf_counter()
+            to_model_input(body, max_pixels=4096 * 4096)
+            times.append((time.perf_counter() - start) * 1e3)
+        print(f"{name:<18} {len(body):>9} {statistics.median(times):>10.2f} {min(times):>8.2f}")
+    # Peak RSS growth of one 12 MP request, in a fresh process (this one holds the test set).
+    with tempfile.NamedTemporaryFile(suffix=".jpg") as photo:
+        photo.write(bodies["12 MP phone JPEG"])
+        photo.flush()
+        probe = subprocess.run(
+            [sys.executable, "-c", _RSS_PROBE, photo.name], cwd=ROOT, capture_output=True, text=True, check=True
+        )
+    print(probe.stdout.strip())
+
+
+_RSS_PROBE = """
+import resource, sys, time
+from pathlib import Path
+from app.image import to_model_input
+body = Path(sys.argv[1]).read_bytes()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+to_model_input(body, max_pixels=4096 * 4096)
+took = (time.perf_counter() - start) * 1e3
+growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(f"12 MP phone JPEG, first request in a fresh process: {took:.0f} ms, peak RSS growth {growth} KB")
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ways", default=",".join(WAYS), help="comma-separated subset of: " + ", ".join(WAYS))
@@ -650,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="requests (or in-process calls) in flight")
     parser.add_argument("--max-pixels", type=int, default=4096 * 4096)
     parser.add_argument("--save", type=Path, help="write the pictures to this folder and exit")
+    parser.add_argument("--speed", action="store_true", help="time to_model_input on 280x280 PNG/JPEG and a 12 MP JPEG")
     parser.add_argument("--load", type=Path, help="classify the pictures a --save run wrote, instead of rendering")
     args = parser.parse_args(argv)
     ways = [w.strip() for w in args.ways.split(",") if w.strip()]
@@ -657,6 +710,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown way(s) {', '.join(unknown)}; choose from {', '.join(WAYS)}")
     images, labels = load_mnist_test(args.data_dir)
+    if args.speed:
+        speed(images, rounds=200)
+        return 0
     if args.load:
         stream = saved(args.load, ways)
     elif args.mnist:
