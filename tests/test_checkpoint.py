@@ -257,6 +257,13 @@ def test_oversized_and_compressed_files_are_refused_unread(tmp_path: Path) -> No
             dst.writestr(info.filename, src.read(info))
     with pytest.raises(CheckpointError, match="compressed records"):
         load_model(deflated)
+    # Thousands of empty records: a directory zipfile would parse into thousands of objects.
+    crowded = tmp_path / "crowded.pt"
+    with zipfile.ZipFile(crowded, "w") as archive:
+        for index in range(3000):
+            archive.writestr(f"archive/x{index}", b"")
+    with pytest.raises(CheckpointError, match=r"zip directory of \d+ bytes"):
+        load_model(crowded)
 
 
 _PEAK_RSS_SCRIPT = """

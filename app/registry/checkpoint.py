@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -33,6 +33,7 @@ __all__ = [
     "FORMAT",
     "INPUT_CONVENTION",
     "IN_FEATURES",
+    "MAX_DIRECTORY_BYTES",
     "MAX_FILE_BYTES",
     "MAX_HIDDEN",
     "NUM_CLASSES",
@@ -60,6 +61,9 @@ _ARG_DEFAULTS = {"in_features": IN_FEATURES, "hidden": 256, "num_classes": NUM_C
 MAX_HIDDEN = 4096
 # The largest file a checkpoint can be: float64 weights at MAX_HIDDEN are ~26 MB, plus metadata.
 MAX_FILE_BYTES = 64 * 1024 * 1024
+# A checkpoint's zip directory lists about ten records in ~1 KB; this allows for far more.
+MAX_DIRECTORY_BYTES = 64 * 1024
+_END_RECORD = 22  # bytes in a zip's end-of-central-directory record, without its comment
 
 INPUT_CONVENTION: dict[str, Any] = {
     "shape": [784],
@@ -213,6 +217,12 @@ def _check_container(path: Path) -> None:
                     if not magic
                     else "not a PyTorch checkpoint (torch.save writes zip archives; this file is not one)",
                 )
+            directory = _central_directory_size(fh, size)
+            if directory is not None and directory > MAX_DIRECTORY_BYTES:
+                raise CheckpointError(
+                    path, f"zip directory of {directory} bytes: a checkpoint's has a dozen records (~1 KB)"
+                )
+            fh.seek(0)
             with zipfile.ZipFile(fh) as archive:
                 compressed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
     except (FileNotFoundError, NotADirectoryError):
@@ -223,6 +233,29 @@ def _check_container(path: Path) -> None:
         raise _unavailable(path, exc) from None
     if compressed:
         raise CheckpointError(path, f"compressed records {compressed[:3]}: torch.save never compresses")
+
+
+def _central_directory_size(fh: BinaryIO, size: int) -> int | None:
+    """The size the zip's end record declares for its central directory (None: no end record).
+
+    ``zipfile`` reads and parses the whole directory when it opens an archive, one object per
+    record: bounding the declared size first keeps a crafted directory from costing more than
+    the few records a checkpoint has.
+    """
+    tail_length = min(size, _END_RECORD + 0xFFFF)  # the end record, then a comment of up to 64 KiB
+    fh.seek(size - tail_length)
+    tail = fh.read(tail_length)
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < _END_RECORD:
+        return None
+    directory = int.from_bytes(tail[at + 12 : at + 16], "little")
+    locator = at - 20  # torch writes zip64 records: their locator sits just before the end record
+    if locator >= 0 and tail[locator : locator + 4] == b"PK\x06\x07":
+        fh.seek(int.from_bytes(tail[locator + 8 : locator + 16], "little"))
+        record = fh.read(56)
+        if record[:4] == b"PK\x06\x06":
+            directory = int.from_bytes(record[40:48], "little")
+    return directory
 
 
 def expected_shapes(model_args: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
