@@ -218,18 +218,26 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _reuseport_listeners(host: str, port: int, count: int) -> list[socket.socket]:
-    """``count`` sockets bound to one address with SO_REUSEPORT: the kernel spreads connections over them."""
+    """``count`` sockets bound to one address with SO_REUSEPORT: the kernel spreads connections over them.
+
+    Bound, not listening: a worker's socket joins the group (and receives connections) when the
+    worker's server listens on it, which uvicorn does once the app's startup is complete.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listeners = []
+    listeners: list[socket.socket] = []
     for _ in range(count):
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        port = sock.getsockname()[1]  # with port 0, the others join the port the first one got
-        sock.set_inheritable(True)
-        listeners.append(sock)
+        listeners.append(_reuseport_socket(family, (host, port)))
+        port = listeners[-1].getsockname()[1]  # with port 0, the others join the port the first one got
     return listeners
+
+
+def _reuseport_socket(family: socket.AddressFamily, address: tuple[Any, ...]) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    sock.set_inheritable(True)
+    return sock
 
 
 class _Supervisor(Multiprocess):
@@ -238,13 +246,15 @@ class _Supervisor(Multiprocess):
     With the one socket uvicorn shares between workers, whichever worker wakes first accepts a
     whole burst of new connections, so a burst of keep-alive connections can leave one worker
     saturated while another idles (docs/performance.md). With a SO_REUSEPORT socket per worker
-    the kernel spreads connections evenly. A replacement for a dead worker gets its
-    predecessor's socket, which kept queueing connections meanwhile, as the shared socket did.
+    the kernel spreads connections evenly. A SIGHUP replacement starts on its predecessor's
+    socket; a dead worker's socket is closed and its replacement gets a new one
+    (:meth:`_renew_listener`).
 
-    Only process creation differs from uvicorn's ``Multiprocess``: the three methods below are
-    copies of uvicorn's with ``Process(config, sockets)`` replaced by ``_start(index)``, written
-    against the uvicorn range pinned in pyproject.toml. tests/test_serving_launcher.py fails when
-    the methods they copy, or the attributes they use, change in uvicorn.
+    Only that differs from uvicorn's ``Multiprocess``: the three methods below are copies of
+    uvicorn's with ``Process(config, sockets)`` replaced by ``_start(index)`` (and, for a dead
+    worker, ``_renew_listener``), written against the uvicorn range pinned in pyproject.toml.
+    tests/test_serving_launcher.py fails when the methods they copy, or the attributes they
+    use, change in uvicorn.
     """
 
     def __init__(self, config: uvicorn.Config, listeners: list[socket.socket]) -> None:
@@ -275,7 +285,7 @@ class _Supervisor(Multiprocess):
             old.join()
             self.processes[index] = new
 
-    def keep_subprocess_alive(self) -> None:  # as uvicorn's, a dead worker replaced on its own socket
+    def keep_subprocess_alive(self) -> None:  # as uvicorn's, a dead worker replaced on a new socket
         if self.should_exit.is_set():
             return
         for index, process in enumerate(self.processes):
@@ -291,8 +301,22 @@ class _Supervisor(Multiprocess):
                 return
             if self.should_exit.is_set():
                 return
+            self._renew_listener(index)
             _logger.info("Child process [%s] died", process.pid)
             self.processes[index] = self._start(index)
+
+    def _renew_listener(self, index: int) -> None:
+        """Close a dead worker's socket; its replacement gets a new one, listening once it is ready.
+
+        Closed, the socket leaves the SO_REUSEPORT group, so the kernel gives new connections to
+        the live workers while the replacement starts (which takes seconds: torch, the model,
+        the canary); kept, it would go on queueing its share of them until the replacement
+        served. Connections already waiting in its backlog are reset, as they would be by a
+        server that restarts.
+        """
+        old = self.listeners[index]
+        self.listeners[index] = _reuseport_socket(old.family, old.getsockname())
+        old.close()
 
 
 if __name__ == "__main__":

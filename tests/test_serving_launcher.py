@@ -137,11 +137,20 @@ def test_supervisor_replaces_killed_workers_and_restarts_on_sighup(
     )
     first = _wait_for(server, lambda pids: len(pids) == 2, "two workers")
 
-    # A worker killed outright is replaced, and the replacement serves.
+    # A worker killed outright is replaced, and the replacement serves. Meanwhile, new
+    # connections go to the live worker: none waits on the dead one's socket for its replacement.
     victim = min(first)
     os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while f"Child process [{victim}] died" not in server.log():
+        assert time.monotonic() < deadline, server.log()[-4000:]
+        time.sleep(0.05)
+    with httpx.Client(base_url=server.base_url, timeout=3, limits=httpx.Limits(max_keepalive_connections=0)) as fresh:
+        for _ in range(20):
+            response = fresh.get("/model")
+            assert response.status_code == 200
+            assert response.json()["pid"] != victim
     second = _wait_for(server, lambda pids: len(pids) == 2 and victim not in pids, "the killed worker's replacement")
-    assert f"Child process [{victim}] died" in server.log()
 
     # SIGHUP replaces every worker, one at a time, while requests keep being answered.
     answered: list[int] = []
