@@ -264,6 +264,11 @@ def test_oversized_and_compressed_files_are_refused_unread(tmp_path: Path) -> No
             archive.writestr(f"archive/x{index}", b"")
     with pytest.raises(CheckpointError, match=r"zip directory of \d+ bytes"):
         load_model(crowded)
+    # Megabytes of metadata: unpickled, it would take several times that.
+    bulky = tmp_path / "bulky.pt"
+    torch.save({"format": FORMAT, "state_dict": {}, "model_args": {}, "meta": {"x": list(range(300_000))}}, bulky)
+    with pytest.raises(CheckpointError, match=r"a data.pkl of \d+ bytes"):
+        load_model(bulky)
 
 
 _PEAK_RSS_SCRIPT = """

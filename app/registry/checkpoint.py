@@ -36,6 +36,7 @@ __all__ = [
     "MAX_DIRECTORY_BYTES",
     "MAX_FILE_BYTES",
     "MAX_HIDDEN",
+    "MAX_PICKLE_BYTES",
     "NUM_CLASSES",
     "OUT_OF_MEMORY",
     "Checkpoint",
@@ -63,6 +64,8 @@ MAX_HIDDEN = 4096
 MAX_FILE_BYTES = 64 * 1024 * 1024
 # A checkpoint's zip directory lists about ten records in ~1 KB; this allows for far more.
 MAX_DIRECTORY_BYTES = 64 * 1024
+# The pickled structure (names, model_args, meta; the tensors' bytes are separate records).
+MAX_PICKLE_BYTES = 1024 * 1024
 _END_RECORD = 22  # bytes in a zip's end-of-central-directory record, without its comment
 
 INPUT_CONVENTION: dict[str, Any] = {
@@ -224,7 +227,9 @@ def _check_container(path: Path) -> None:
                 )
             fh.seek(0)
             with zipfile.ZipFile(fh) as archive:
-                compressed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
+                records = archive.infolist()
+                compressed = [i.filename for i in records if i.compress_type != zipfile.ZIP_STORED]
+                pickled = max((i.file_size for i in records if i.filename.endswith("data.pkl")), default=0)
     except (FileNotFoundError, NotADirectoryError):
         raise CheckpointError(path, "no such checkpoint file") from None
     except (zipfile.BadZipFile, EOFError, ValueError) as exc:
@@ -233,6 +238,11 @@ def _check_container(path: Path) -> None:
         raise _unavailable(path, exc) from None
     if compressed:
         raise CheckpointError(path, f"compressed records {compressed[:3]}: torch.save never compresses")
+    if pickled > MAX_PICKLE_BYTES:
+        # Unpickling builds Python objects several times the size of their bytes.
+        raise CheckpointError(
+            path, f"a data.pkl of {pickled} bytes: a checkpoint's structure and metadata take a few KB"
+        )
 
 
 def _central_directory_size(fh: BinaryIO, size: int) -> int | None:
