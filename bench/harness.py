@@ -362,9 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         for server in alone:
             print(f"\n== {server.label} ({server.notes})", flush=True)
             try:
-                # A peer gets a second start: PyTriton, for one, gives its Python models 1 s to
-                # connect to their handshake server, which a busy machine can miss.
-                with running([server], attempts=2):
+                # A peer gets three starts: PyTriton, for one, gives each Python model instance 1 s
+                # to reach its handshake server, which a busy machine can miss.
+                with running([server], attempts=3):
                     _versions(server)
                     for workload in workloads.values():
                         if workload.name in server.requests:

@@ -25,6 +25,9 @@ from mlserver.types import InferenceRequest, InferenceResponse
 
 from bench.peers.model import Predictor, png_rows
 
+# How MLServer's workers import the runtime (the module's name even when it runs as __main__).
+_IMPLEMENTATION = "bench.peers.mlserver_runtime.Mnist"
+
 
 class Mnist(MLModel):
     async def load(self) -> bool:
@@ -72,8 +75,6 @@ def main() -> None:
     mlserver = str(Path(sys.executable).with_name("mlserver"))
     os.execv(mlserver, [mlserver, "start", str(args.workdir)])
 
-
-_IMPLEMENTATION = "bench.peers.mlserver_runtime.Mnist"
 
 if __name__ == "__main__":
     main()
