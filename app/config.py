@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-if TYPE_CHECKING:
-    import torch
-
-__all__ = ["Settings", "default_models_dir", "get_settings", "pick_device"]
+__all__ = ["Settings", "default_models_dir", "get_settings"]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,24 +17,6 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 def default_models_dir() -> Path:
     """``models/`` beside the package: the bundled model in a checkout and in the image."""
     return PROJECT_ROOT / "models"
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; anything else is taken as a torch device name."""
-    import torch  # here, not at the top: the launcher reads settings without paying for torch (~2 s)
-
-    if name != "auto":
-        device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but CUDA is not available")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError(f"device {name!r} requested but MPS is not available")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 class Settings(BaseSettings):
@@ -140,6 +119,8 @@ class Settings(BaseSettings):
         # Fail at startup, not on the first request. "auto" and "cpu" cannot fail: not importing
         # torch for them keeps `python -m app` from loading it in the supervisor process too.
         if self.device not in ("auto", "cpu"):
+            from app.registry import pick_device  # torch: only for a device that needs checking
+
             pick_device(self.device)
         return self
 

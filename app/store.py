@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from app import metrics
-from app.config import Settings, pick_device
+from app.config import Settings
 from app.registry import (
     MLP,
     POINTER_NAME,
@@ -39,6 +39,7 @@ from app.registry import (
     Rollback,
     inspect_folder,
     load_canary,
+    pick_device,
     read_pointer,
     record_last_good,
     validate_candidate,
