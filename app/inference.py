@@ -23,7 +23,9 @@ CPU_CHUNK = 1024
 
 
 @torch.inference_mode()
-def predict_proba(model: MLP, x: np.ndarray, device: torch.device | None = None) -> np.ndarray:
+def predict_proba(
+    model: MLP, x: np.ndarray, device: torch.device | None = None, chunk_rows: int = CPU_CHUNK
+) -> np.ndarray:
     """Class probabilities ``[N, 10]`` (float32, rows sum to 1) from an eval-mode model.
 
     ``x`` is float32 in [0, 1], or uint8 0-255 rows (``decode_uint8(..., scale=False)``), which
@@ -33,13 +35,13 @@ def predict_proba(model: MLP, x: np.ndarray, device: torch.device | None = None)
     if device is not None and device.type != "cpu":
         tensor = torch.from_numpy(_float_rows(x)).to(device, non_blocking=True)
         return torch.softmax(model(tensor), dim=1).to("cpu").numpy()
-    if len(x) <= CPU_CHUNK:
+    if len(x) <= chunk_rows:
         return torch.softmax(model(torch.from_numpy(_float_rows(x))), dim=1).numpy()
     out = torch.empty((len(x), model.num_classes), dtype=torch.float32)
     # uint8 chunks are scaled into one reused buffer; float32 chunks are views of x.
-    buffer = np.empty((CPU_CHUNK, x.shape[1]), dtype=np.float32) if x.dtype == np.uint8 else None
-    for start in range(0, len(x), CPU_CHUNK):
-        chunk = x[start : start + CPU_CHUNK]
+    buffer = np.empty((chunk_rows, x.shape[1]), dtype=np.float32) if x.dtype == np.uint8 else None
+    for start in range(0, len(x), chunk_rows):
+        chunk = x[start : start + chunk_rows]
         rows = _float_rows(chunk, None if buffer is None else buffer[: len(chunk)])
         torch.softmax(model(torch.from_numpy(rows)), dim=1, out=out[start : start + len(chunk)])
     return out.numpy()

@@ -242,7 +242,7 @@ def _bundled_model(models_dir: Path) -> MLP:
 # -- the other direction: big CPU batches are split into chunks --------------------------------
 
 
-def test_big_batches_are_computed_in_chunks_with_identical_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_big_batches_are_computed_in_chunks_with_identical_answers() -> None:
     import app.inference as inference
 
     model = _model(10)
@@ -252,8 +252,7 @@ def test_big_batches_are_computed_in_chunks_with_identical_answers(monkeypatch: 
     handle = model.register_forward_hook(lambda module, inputs, output: sizes.append(len(output)))
     try:
         chunked = inference.predict_proba(model, x)
-        monkeypatch.setattr(inference, "CPU_CHUNK", len(x))
-        whole = inference.predict_proba(model, x)
+        whole = inference.predict_proba(model, x, chunk_rows=len(x))
     finally:
         handle.remove()
     assert sizes == [chunk, chunk, 5, len(x)]
