@@ -79,6 +79,8 @@ MIN_BOX = 32
 # The background grid's blocks are at least this many pixels: at MNIST's own size one block
 # (and the 3x3 opening over them) is already wider than a stroke.
 MIN_BLOCK = 8
+# The digit is looked for on a grid of about this many cells a side.
+CELLS = 24
 # A mark smaller than this (in the picture's own pixels, both ways) is a dot, not a digit.
 MIN_DIGIT = 6
 # Below this noise level (in [0, 1] units: under one grey level) a picture is clean.
@@ -536,7 +538,7 @@ def _digit_region(
     """
     height, width = ink.shape
     mask = ink > threshold
-    cell = max(2, math.ceil(max(height, width) / 24))
+    cell = max(2, math.ceil(max(height, width) / CELLS))
     gh, gw = -(-height // cell), -(-width // cell)
     padded = np.zeros((gh * cell, gw * cell), dtype=np.float32)
     padded[:height, :width] = np.where(mask, ink, 0.0)
@@ -551,12 +553,12 @@ def _digit_region(
     components.sort(key=lambda c: c[0], reverse=True)
     _, main_weight, (y0, y1, x0, x1), _, _ = components[0]
     chosen = [components[0]]
-    reach = max(1, round(0.5 * max(y1 - y0, x1 - x0)))
+    reach = max(1, round(0.3 * max(y1 - y0, x1 - x0)))
     changed = True
     while changed:
         changed = False
         for comp in components:
-            if any(comp is c for c in chosen) or comp[3] or comp[1] < 0.03 * main_weight:
+            if any(comp is c for c in chosen) or comp[3] or comp[1] < 0.06 * main_weight:
                 continue
             cy0, cy1, cx0, cx1 = comp[2]
             gap = max(cy0 - y1, y0 - cy1, cx0 - x1, x0 - cx1)
