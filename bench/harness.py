@@ -314,7 +314,7 @@ def _versions(server: Server) -> None:
     try:
         info = python_info(server.python, names)
         server.version = ", ".join(f"{d} {info[d]}" for d in names if d in info)
-        if server.key in ("triton", "mlserver"):
+        if server.key == "triton":  # the server's own version, under PyTriton's
             status, _, body = request(server.port, "GET", "/v2")
             if status == 200:
                 meta = json.loads(body)

@@ -41,6 +41,11 @@ PORT = "{port}"
 PEER_ENVS = {"triton": "triton", "mlserver": "mlserver", "bentoml": "bentoml", "ray": "ray", "ray-64": "ray"}
 
 
+def shown(path: Path) -> str:
+    """A path as messages show it: relative to the repository when inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -114,7 +119,7 @@ class Server:
         deadline = self.started_s + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.label} exited with {self.proc.returncode}; see {self.log_path}")
+                raise RuntimeError(f"{self.label} exited with {self.proc.returncode}; see {shown(self.log_path)}")
             try:
                 status, _, _ = request(self.port, "GET", self.ready_path, timeout=2)
                 if status == 200:
@@ -125,7 +130,7 @@ class Server:
             except OSError:
                 pass
             time.sleep(0.05)
-        raise RuntimeError(f"{self.label} not ready after {timeout:g} s; see {self.log_path}")
+        raise RuntimeError(f"{self.label} not ready after {timeout:g} s; see {shown(self.log_path)}")
 
     def _wait_all_workers(self, deadline: float) -> None:
         """Every worker has loaded the model: ``GET /model`` lists them all."""
@@ -135,7 +140,7 @@ class Server:
                 self.ready_s = time.monotonic() - self.started_s
                 return
             time.sleep(0.02)
-        raise RuntimeError(f"{self.label}: not all {self.workers} workers ready; see {self.log_path}")
+        raise RuntimeError(f"{self.label}: not all {self.workers} workers ready; see {shown(self.log_path)}")
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
