@@ -77,7 +77,7 @@ bench-peers:
 	$(PYTHON) -m bench.venvs
 
 bench-train: $(VENV)/.installed-dev
-	$(BIN)/python bench/train_bench.py --data-dir $(DATA_DIR)
+	$(BIN)/python -m bench.train_bench --data-dir $(DATA_DIR)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,6 +1,6 @@
 """Time from publishing a new version to every worker serving it.
 
-    python bench/reload_bench.py [--workers 2] [--publishes 10] [--interval 1.0]
+    python -m bench.reload_bench [--workers 2] [--publishes 10] [--interval 1.0]
 
 Starts the service as deployed (``python -m app`` with N workers) on a copy of the bundled
 model, then publishes new valid versions one after another (the bundled weights plus tiny
@@ -27,10 +27,7 @@ from pathlib import Path
 import httpx
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from app.registry import (  # noqa: E402
+from app.registry import (
     canary_gate,
     current_checkpoint,
     load_model,
@@ -39,6 +36,7 @@ from app.registry import (  # noqa: E402
     write_pointer,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 SEVEN_PNG = (ROOT / "tests" / "fixtures" / "seven.png").read_bytes()
 
 

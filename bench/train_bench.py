@@ -1,6 +1,6 @@
 """Train the default recipe two ways in one run and compare wall time and accuracy.
 
-    python bench/train_bench.py --data-dir ../shared/data [--epochs 10] [--sequential]
+    python -m bench.train_bench --data-dir ../shared/data [--epochs 10] [--sequential]
 
 1. ``in-memory``: the project's trainer (``training.train.fit_epochs``, what ``fit`` and the
    CLI run): the dataset held as one tensor, shuffled batches sliced from it.
@@ -23,22 +23,20 @@ the speed-up ratio.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import cast
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402, N812
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-from torchvision.transforms import ToTensor  # noqa: E402
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import ToTensor
 
-import training  # noqa: E402, F401 - sets the OpenMP wait policy before torch loads, for both trainers
-from app.registry import MLP, pick_device  # noqa: E402
-from training.data import load_mnist, mnist_dataset  # noqa: E402
-from training.train import DEFAULT_SEED, evaluate, fit_epochs, make_optimizer  # noqa: E402
+import training  # noqa: F401 - sets the OpenMP wait policy before torch loads, for both trainers
+from app.registry import MLP, pick_device
+from training.data import load_mnist, mnist_dataset
+from training.train import DEFAULT_SEED, evaluate, fit_epochs, make_optimizer
 
 Epochs = Generator[tuple[MLP, dict[str, float]], None, None]
 Batch = tuple[torch.Tensor, torch.Tensor]
