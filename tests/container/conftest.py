@@ -47,6 +47,7 @@ SETUP_TIMEOUT = 15 * 60
 
 _REPORT = pytest.StashKey[list[str]]()
 _STARTED = pytest.StashKey[float]()
+_ENDED = pytest.StashKey[float]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -67,12 +68,19 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         item.config.stash.setdefault(_STARTED, time.monotonic())
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    if item.get_closest_marker("container") is not None:
+        item.config.stash[_ENDED] = time.monotonic()  # after this item's fixtures are torn down
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     lines = list(config.stash.get(_REPORT, []))
     started = config.stash.get(_STARTED, None)
     if started is None:
         return
-    lines.append(f"container suite: {time.monotonic() - started:.0f} s in all (image build included)")
+    took = config.stash.get(_ENDED, time.monotonic()) - started
+    lines.append(f"container suite: {took:.0f} s in all (engine setup and image build included)")
     terminalreporter.section("container suite")
     for line in lines:
         terminalreporter.write_line(line)
