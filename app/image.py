@@ -179,8 +179,10 @@ def _load_gray(data: bytes, max_pixels: int, target: int = DRAFT_TARGET) -> np.n
     width, height = image.size
     decoded_w, decoded_h = _draft(image, target)
     if decoded_w * decoded_h > max_pixels:
+        decoded = "" if (decoded_w, decoded_h) == (width, height) else f" ({decoded_w}x{decoded_h} once decoded)"
         raise InputError(
-            413, f"image declares {width}x{height} pixels, over the limit of {max_pixels}: send a smaller image"
+            413,
+            f"image declares {width}x{height} pixels{decoded}, over the limit of {max_pixels}: send a smaller image",
         )
     try:
         with warnings.catch_warnings():
