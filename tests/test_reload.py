@@ -7,11 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
-from app.registry import read_last_good, read_pointer
+from app.registry import atomic_write, read_last_good, read_pointer
 from app.store import ModelStore, ReloadError
 from tests.helpers import publish_variant, write_bad_version
 
@@ -174,22 +175,19 @@ def test_admin_reload_errors(admin_client: TestClient, models_dir: Path, bundled
     assert read_pointer(models_dir) == current
 
 
-def test_unexpected_load_errors_become_rejections(
-    admin_client: TestClient, models_dir: Path, bundled_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+def test_unusual_tensors_are_rejections_not_errors(
+    admin_client: TestClient, models_dir: Path, bundled_checkpoint: Path
 ) -> None:
-    """Whatever torch raises while loading, the answer is a recorded rejection, never a 500."""
-    import app.registry.canary
-
-    second = publish_variant(models_dir, bundled_checkpoint, seed=4, publish=False)
-
-    def explode(*args: object, **kwargs: object) -> None:
-        raise NotImplementedError("sparse tensors are not supported here")
-
-    monkeypatch.setattr(app.registry.canary, "load_model", explode)
-    response = admin_client.post("/admin/reload", json={"version": second}, headers=_auth())
+    """A checkpoint torch can write but the service cannot use (sparse weights): a recorded rejection, never a 500."""
+    raw = torch.load(bundled_checkpoint, weights_only=True)
+    raw["state_dict"]["lin_1.weight"] = raw["state_dict"]["lin_1.weight"].to_sparse()
+    raw["meta"].pop("weights_sha256", None)
+    version = "v904-sparse"
+    atomic_write(models_dir / f"{version}.pt", lambda fh: torch.save(raw, fh))
+    response = admin_client.post("/admin/reload", json={"version": version}, headers=_auth())
     assert response.status_code == 422
-    assert "unusable checkpoint (NotImplementedError" in response.json()["detail"]
-    assert admin_client.get("/model").json()["last_reload_error"]["version"] == second
+    assert admin_client.get("/model").json()["last_reload_error"]["version"] == version
+    assert admin_client.post("/predict", json={"pixels": [0.0] * 784}).status_code == 200
 
 
 def test_publish_runs_the_same_gate_as_the_service(models_dir: Path, bundled_checkpoint: Path) -> None:

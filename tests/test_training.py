@@ -60,32 +60,33 @@ def test_same_seed_same_weights(small: tuple[MnistTensors, MnistTensors]) -> Non
 
 
 def test_training_freezes_the_garbage_collector_only_while_an_epoch_runs(
-    small: tuple[MnistTensors, MnistTensors], monkeypatch: pytest.MonkeyPatch
+    small: tuple[MnistTensors, MnistTensors],
 ) -> None:
     train, test = small
     frozen_by_others = gc.get_freeze_count() > 0  # the in-process service tests freeze at startup
     gc.unfreeze()
     try:
-        seen: list[int] = []
-        steps = fit_epochs(_slice(train, 512), _slice(test, 256), epochs=2, progress=False)
-        next(steps)
+        steps = fit_epochs(_slice(train, 512), _slice(test, 256), epochs=3, progress=False)
+        model, _ = next(steps)
         assert gc.get_freeze_count() == 0  # not while the caller has control between epochs
-        steps.close()
+        seen: list[int] = []
+        hook = model.register_forward_hook(lambda module, inputs, output: seen.append(gc.get_freeze_count()))
+        next(steps)
+        assert seen
+        assert all(count > 0 for count in seen)  # frozen while the epoch ran
+        assert gc.get_freeze_count() == 0
+        hook.remove()
 
-        def failing_evaluate(model: MLP, data: MnistTensors, batch_size: int = 10_000) -> float:
-            seen.append(gc.get_freeze_count())
+        def fail(module: object, inputs: object, output: object) -> None:
             raise RuntimeError("stop")
 
-        monkeypatch.setattr(train_cli, "evaluate", failing_evaluate)
+        model.register_forward_hook(fail)
         with pytest.raises(RuntimeError, match="stop"):
-            fit(_slice(train, 512), _slice(test, 256), epochs=1, progress=False, log=lambda _: None)
-        assert len(seen) == 1
-        assert seen[0] > 0  # frozen while the epoch ran
-        assert gc.get_freeze_count() == 0  # and unfrozen when it failed
+            next(steps)
+        assert gc.get_freeze_count() == 0  # and unfrozen when an epoch failed
 
         gc.freeze()  # a caller that froze the GC itself is left alone
         before = gc.get_freeze_count()
-        monkeypatch.undo()
         fit(_slice(train, 512), _slice(test, 256), epochs=1, progress=False, log=lambda _: None)
         assert 0 < gc.get_freeze_count() <= before  # neither unfrozen nor frozen again (frozen objects can die)
     finally:
