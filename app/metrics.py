@@ -31,14 +31,17 @@ Metrics (names as exposed):
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import os
 import sys
 import threading
+from bisect import bisect_left
 from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import APIRouter
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -52,6 +55,7 @@ __all__ = [
     "model_unloaded",
     "observe_batch",
     "observe_request",
+    "flush",
     "reload_failed",
     "render",
     "router",
@@ -68,6 +72,11 @@ _DERIVED_MARK = "MNIST_PROMETHEUS_DIR_DERIVED"
 # From 0.5 ms (a single-digit JSON request) to 10 s (a batch at the body limit on a slow core).
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+# The buckets' upper bounds as prometheus-client keeps them, +Inf last.
+_LATENCY_BOUNDS = (*_LATENCY_BUCKETS, float("inf"))
+_BATCH_BOUNDS = (*map(float, _BATCH_BUCKETS), float("inf"))
+# The most the per-request metrics lag behind (see flush).
+_FLUSH_SECONDS = 0.1
 # Anything else is folded into OTHER so a client cannot grow the label set at will.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -210,9 +219,6 @@ class _Metrics:
             buckets=_BATCH_BUCKETS,
             registry=self.registry,
         )
-        # Labelled children by (method, route, status): .labels() costs more than the increment itself.
-        self.request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-        self.prediction_children: dict[str, Any] = {}
 
     def render(self) -> bytes:
         from prometheus_client import CollectorRegistry, generate_latest
@@ -227,22 +233,32 @@ class _Metrics:
 
 def observe_request(method: str, route: str, status: int, seconds: float) -> None:
     """The ``observe`` callback of ``RequestContextMiddleware``: one request answered."""
-    metrics = _metrics or _get()
     if method not in _METHODS:
         method = "OTHER"
     key = (method, route, status)
-    children = metrics.request_children.get(key)
-    if children is None:
-        labels = (method, route, str(status))
-        children = (metrics.requests.labels(*labels), metrics.request_seconds.labels(*labels))
-        metrics.request_children[key] = children
-    children[0].inc()
-    children[1].observe(seconds)
+    entry = _pending.requests.get(key)
+    if entry is None:
+        entry = _pending.requests[key] = _Tally(len(_LATENCY_BOUNDS))
+    entry.add(seconds, bisect_left(_LATENCY_BOUNDS, seconds))
+    _pending.due()
 
 
 def observe_batch(size: int) -> None:
     """One forward pass over ``size`` images (the micro-batcher's ``observe`` hook)."""
-    (_metrics or _get()).batch_size.observe(size)
+    _pending.batches.add(size, bisect_left(_BATCH_BOUNDS, size))
+    _pending.due()
+
+
+def flush() -> None:
+    """Write the observations kept since the last flush into the shared metric files.
+
+    The per-request metrics (requests, latency, predictions, batch sizes) are tallied in plain
+    Python and written at most ``_FLUSH_SECONDS`` later: each write to a multiprocess value is
+    a locked mmap write, and four of them per request were a sizeable share of a small
+    request's cost. A scrape flushes its own worker first; other workers' values are at most
+    that much behind.
+    """
+    _pending.flush(_metrics or _get())
 
 
 def model_swapped(previous: str | None, version: str) -> None:
@@ -265,22 +281,86 @@ def model_fallback() -> None:
 
 
 def model_unloaded(version: str | None) -> None:
-    """Worker shutdown: it serves nothing any more.
+    """Worker shutdown: it serves nothing any more, and what it observed is written out.
 
     Uvicorn ends a worker by re-raising SIGTERM, so exit handlers do not run; zeroing the
     worker's own series here keeps a stopped worker out of ``mnist_model_info`` (its file goes
     when the next worker starts, see ``_clear_live_gauges``).
     """
+    metrics = _metrics or _get()
+    _pending.flush(metrics)
     if version is not None:
-        (_metrics or _get()).model_info.labels(version).set(0)
+        metrics.model_info.labels(version).set(0)
 
 
 def _count_predictions(kind: str, count: int) -> None:
-    metrics = _metrics or _get()
-    child = metrics.prediction_children.get(kind)
-    if child is None:
-        child = metrics.prediction_children[kind] = metrics.predictions.labels(kind)
-    child.inc(count)
+    _pending.predictions[kind] = _pending.predictions.get(kind, 0) + count
+    _pending.due()
+
+
+class _Tally:
+    """A histogram's observations since the last flush: count, sum and per-bucket counts."""
+
+    __slots__ = ("buckets", "count", "total")
+
+    def __init__(self, bounds: int) -> None:
+        self.count = 0
+        self.total = 0.0
+        self.buckets = [0] * bounds
+
+    def add(self, value: float, bucket: int) -> None:
+        self.count += 1
+        self.total += value
+        self.buckets[bucket] += 1
+
+    def write(self, histogram: Any, counter: Any = None) -> None:
+        # prometheus-client's Histogram.observe does exactly this per observation (its bucket
+        # values are per-bucket, made cumulative when exposed); here once per flush.
+        histogram._sum.inc(self.total)
+        for value, count in zip(histogram._buckets, self.buckets, strict=True):
+            if count:
+                value.inc(count)
+        if counter is not None:
+            counter.inc(self.count)
+
+
+class _Pending:
+    """This process's hot-path observations, until the next :func:`flush`."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], _Tally] = {}
+        self.predictions: dict[str, int] = {}
+        self.batches = _Tally(len(_BATCH_BOUNDS))
+        self.scheduled = False
+
+    def due(self) -> None:
+        """Make sure a flush comes: on the event loop shortly, or now outside one."""
+        if self.scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            flush()
+            return
+        self.scheduled = True
+        loop.call_later(_FLUSH_SECONDS, flush)
+
+    def flush(self, metrics: _Metrics) -> None:
+        self.scheduled = False
+        requests, self.requests = self.requests, {}
+        predictions, self.predictions = self.predictions, {}
+        batches, self.batches = self.batches, _Tally(len(_BATCH_BOUNDS))
+        with _lock:
+            for (method, route, status), tally in requests.items():
+                labels = (method, route, str(status))
+                tally.write(metrics.request_seconds.labels(*labels), metrics.requests.labels(*labels))
+            for kind, count in predictions.items():
+                metrics.predictions.labels(kind).inc(count)
+            if batches.count:
+                batches.write(metrics.batch_size)
+
+
+_pending = _Pending()
 
 
 class PredictionCounter:
@@ -308,11 +388,14 @@ class PredictionCounter:
 
 def render() -> bytes:
     """The exposition text: every worker's values in multiprocess mode, else this process's."""
+    flush()
     return _get().render()
 
 
 def _process_exit() -> None:
     # multiprocess.mark_process_dead(pid) for this process, when it exits normally.
+    if _metrics is not None:
+        _pending.flush(_metrics)
     if _metrics is not None and _metrics.directory is not None:
         _clear_live_gauges(_metrics.directory, stale_only=False)
 
@@ -326,7 +409,9 @@ router = APIRouter(tags=["metrics"])
     response_class=Response,
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
 )
-def metrics() -> Response:
-    # A plain def: reading the workers' files is blocking I/O, so it runs in the threadpool.
+async def metrics() -> Response:
     state = _get()
-    return Response(state.render(), media_type=state.content_type)
+    flush()  # this worker's latest, written on the event loop where they are tallied
+    # Reading every worker's files is blocking I/O: in a thread.
+    body = await anyio.to_thread.run_sync(state.render)
+    return Response(body, media_type=state.content_type)

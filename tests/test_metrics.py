@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -291,6 +292,7 @@ def test_metrics_add_up_every_worker(server_factory: Callable[..., Server], mode
         npy = client.post("/predict", content=_npy(_digits(2)), headers={"content-type": "application/x-npy"})
         assert npy.status_code == 200
         assert client.post("/predict", json={"pixels": [0.5] * 3}).status_code == 422
+        time.sleep(0.5)  # each worker writes its per-request metrics out within 0.1 s (metrics.flush)
         before_burst = parse(client.get("/metrics").text)
 
     # A concurrent burst of single digits, over both workers.
@@ -307,6 +309,7 @@ def test_metrics_add_up_every_worker(server_factory: Callable[..., Server], mode
         thread.join()
     assert statuses == [200] * 48
 
+    time.sleep(0.5)  # each worker writes its per-request metrics out within 0.1 s (metrics.flush)
     with server.client(limits=httpx.Limits(max_keepalive_connections=0)) as client:
         # Whichever worker answers the scrape, it reports the sums over both.
         for _ in range(4):
