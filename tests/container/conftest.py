@@ -198,6 +198,7 @@ def image(engine: Engine, report: Callable[[str], None], tmp_path_factory: pytes
         engine("image", "inspect", given)
         return given
     log = tmp_path_factory.mktemp("build") / "build.log"
+    previous = _image_id(engine, TEST_IMAGE)
     started = time.monotonic()
     with log.open("w") as out:
         result = subprocess.run(
@@ -210,11 +211,18 @@ def image(engine: Engine, report: Callable[[str], None], tmp_path_factory: pytes
     took = time.monotonic() - started
     if result.returncode != 0:
         pytest.fail(f"{engine.cli} build failed after {took:.0f} s:\n{log.read_text()[-4000:]}")
-    # The previous run's image, untagged by this build: its unique layers go (the cache stays).
-    engine("image", "prune", "--force", "--filter", f"label={LABEL}", check=False, timeout=600)
+    # The previous run's image, untagged by this build, goes; the intermediate images (the layer
+    # cache, which carry the label too, so no label-filtered prune) stay for the next run.
+    if previous and previous != _image_id(engine, TEST_IMAGE):
+        engine("rmi", previous, check=False, timeout=600)
     size = int(engine("image", "inspect", "--format", "{{.Size}}", TEST_IMAGE).stdout.strip())
     report(f"image {TEST_IMAGE}: built in {took:.0f} s with {engine.cli}, {size / 1e9:.2f} GB (EXTRAS=train)")
     return TEST_IMAGE
+
+
+def _image_id(engine: Engine, name: str) -> str | None:
+    found = engine("image", "inspect", "--format", "{{.Id}}", name, check=False)
+    return found.stdout.strip() or None if found.returncode == 0 else None
 
 
 # --- containers, volumes and HTTP ---------------------------------------------------------------
