@@ -84,7 +84,7 @@ def test_client_cli(server_factory: Callable[..., Server], models_dir: Path, tmp
     [
         ("truncated", "truncated or corrupt checkpoint file"),
         ("missing", "no such checkpoint file"),
-        ("no pointer", "no current model"),
+        ("no pointer", "no stored version can be served"),
         ("wrong shapes", "wrong shape for lin_1.weight"),
     ],
 )

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ROOT, Server, start_server
+from tests.conftest import ROOT, Server, start_server
 from PIL import Image
 
 from app.registry import read_pointer, version_path, write_pointer
