@@ -65,10 +65,12 @@ RUN groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --home-dir /app --no-create-home --shell /usr/sbin/nologin app \
     && install -d -o app -g app /app/models /data
 COPY --from=deps /opt/venv /opt/venv
-# The project from its wheel (mounted, so the wheel never lands in a layer); then pip and
-# setuptools leave: nothing in the running image can install or build packages.
-RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 pip install --no-deps --no-index /wheels/*.whl \
+# The project from its wheel, then pip and setuptools leave: nothing in the running image can
+# install or build packages. (COPY, not RUN --mount=from=build: Podman/Buildah reuse a cached
+# RUN layer even when the mounted wheel changed, and the image would ship stale code.)
+COPY --from=build /wheels/ /tmp/wheels/
+RUN PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 pip install --no-deps --no-index /tmp/wheels/*.whl \
+    && rm -rf /tmp/wheels \
     && python -m pip uninstall --yes --quiet pip setuptools \
     && python -c "import app.main" \
     && case ",${EXTRAS}," in *,train,*) python -c "import training.train" ;; esac

@@ -236,8 +236,12 @@ def test_dockerfile_installs_the_project_from_pyproject(stages: list[Stage], tmp
 
     # The runtime takes the dependency venv whole and installs the project's wheel on top.
     assert "--from=deps /opt/venv /opt/venv" in runtime.find("COPY")
-    install = next(r for r in runtime.find("RUN") if "from=build" in r)
-    assert "pip install --no-deps --no-index /wheels/*.whl" in install
+    assert "--from=build /wheels/ /tmp/wheels/" in runtime.find("COPY")
+    install = next(r for r in runtime.find("RUN") if "/tmp/wheels/" in r)
+    assert "pip install --no-deps --no-index /tmp/wheels/*.whl" in install
+    # A RUN --mount from another stage is not part of Buildah's cache key: a code change would
+    # reuse the old layer and ship stale code. The wheel travels by COPY, which is.
+    assert not [r for r in runtime.find("RUN") if "--mount" in r and "from=" in r]
 
 
 def test_dockerfile_is_lean(stages: list[Stage], image: ImageConfig) -> None:

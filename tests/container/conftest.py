@@ -284,7 +284,9 @@ class Containers:
 
     def cleanup(self) -> None:
         for name in self.names:
-            self.engine("rm", "-f", "-t", "0", name, check=False, timeout=120)
+            # -v: the anonymous volume the image's VOLUME gets when no named one is mounted there.
+            now = ["--time", "0"] if self.engine.podman else []
+            self.engine("rm", "--force", "--volumes", *now, name, check=False, timeout=120)
         for name in self.volumes:
             self.engine("volume", "rm", "-f", name, check=False)
 
