@@ -313,3 +313,41 @@ def test_the_access_log_cannot_be_forged_through_the_path(models_dir: Path, capl
     assert len(lines) == 1
     assert "\n" not in lines[0]
     assert 'path="/predict%0Arequest_id=forged%20status=200%22"' in lines[0]
+
+
+@pytest.mark.anyio
+async def test_work_for_a_client_that_left_is_not_started(models_dir: Path) -> None:
+    from app.errors import InputError
+    from app.routes.predict import Options, answer
+
+    body = _big_png()  # computed in a thread, after admission
+    messages = [{"type": "http.request", "body": body, "more_body": False}, {"type": "http.disconnect"}]
+
+    async def receive() -> dict[str, object]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    calls: list[int] = []
+
+    class Counting(torch.nn.Module):
+        num_classes = 10
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(len(x))
+            return torch.zeros(len(x), 10)
+
+    app = create_app(Settings(model_dir=models_dir, reload_interval=0))
+    async with app.lifespan():
+        store = app.state.store
+        store.current = dataclasses.replace(store.current, model=Counting())
+        with pytest.raises(InputError) as gone:
+            await answer(
+                app.state.pipeline,
+                receive,
+                media="image/png",
+                content_type="image/png",
+                declared=len(body),
+                started=time.perf_counter(),
+                options=Options(),
+            )
+    assert gone.value.status_code == 499
+    assert calls == []  # nothing was computed for nobody
