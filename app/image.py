@@ -65,6 +65,10 @@ BOX = 20  # MNIST digits were scaled to fit a 20x20 box, then centred in 28x28
 # Where MNIST's own digits have their centre of mass, in pixel indices (measured: 13.99, 14.01).
 CENTER = 14.0
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Pictures up to this size whose border is even to within CLEAN_BORDER grey levels (MNIST's own
+# digits, thumbnails, small canvas exports) take MNIST's own procedure (_mnist_like).
+SMALL_CLEAN = 56
+CLEAN_BORDER = 4
 # Below this contrast (in [0, 1] units) an image is treated as blank rather than guessed at.
 MIN_CONTRAST = 0.1
 # Ink must stand this many noise standard deviations above the background, or the picture is noise.
@@ -307,12 +311,43 @@ def _mnistify_u8(full: np.ndarray) -> np.ndarray:
     A big picture is analysed small, which averages a thin line in it nearly away: when nothing
     is found that way, it is looked at again three times finer before being called blank.
     """
+    if max(full.shape) <= SMALL_CLEAN:
+        digit = _mnist_like(full)
+        if digit is not None:
+            return digit
     try:
         return _prepare(full)
     except InputError as exc:
         if exc.status_code != 422 or max(full.shape) <= 2 * ANALYSIS:
             raise
     return _prepare(full, analysis=3 * ANALYSIS)
+
+
+def _mnist_like(full: np.ndarray) -> np.ndarray | None:
+    """A small picture on perfectly even paper (an MNIST digit, a thumbnail) the way MNIST was made.
+
+    Such a picture has no noise, lighting or lines to undo, so MNIST's own procedure is all it
+    needs: background from the border, crop, 20x20, centre of mass. It costs a fraction of the
+    full analysis. None when the border is not even: the full analysis decides.
+    """
+    border = np.concatenate([full[0], full[-1], full[:, 0], full[:, -1]])
+    if int(border.max()) - int(border.min()) > CLEAN_BORDER:
+        return None
+    background = float(np.median(border)) / 255
+    gray = full.astype(np.float32) * np.float32(1 / 255)
+    if background > 0.5:  # dark digit on light paper: invert to MNIST's polarity
+        gray, background = 1.0 - gray, 1.0 - background
+    ink = np.clip(gray - background, 0.0, None)
+    peak = float(ink.max())
+    if peak < MIN_CONTRAST:
+        raise InputError(422, "the image is blank: no digit stands out from the background")
+    ink /= peak
+    marked = ink > MIN_CONTRAST
+    rows = np.flatnonzero(marked.any(axis=1))
+    cols = np.flatnonzero(marked.any(axis=0))
+    if max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 < MIN_DIGIT:
+        raise InputError(422, "the image is nearly blank: its only mark is a dot, too small to be a digit")
+    return _center_by_mass(_fit_box(ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]))
 
 
 def _prepare(
