@@ -69,6 +69,10 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # digits, thumbnails, small canvas exports) take MNIST's own procedure (_mnist_like).
 SMALL_CLEAN = 56
 CLEAN_BORDER = 4
+# Bigger ones, up to CLEAN_MAX_SIDE, too when at least CLEAN_PAPER_SHARE of them is paper of that
+# one level: drawings exported from a canvas, like the digit pad's.
+CLEAN_MAX_SIDE = 512
+CLEAN_PAPER_SHARE = 0.6
 # Below this contrast (in [0, 1] units) an image is treated as blank rather than guessed at.
 MIN_CONTRAST = 0.1
 # Ink must stand this many noise standard deviations above the background, or the picture is noise.
@@ -311,7 +315,7 @@ def _mnistify_u8(full: np.ndarray) -> np.ndarray:
     A big picture is analysed small, which averages a thin line in it nearly away: when nothing
     is found that way, it is looked at again three times finer before being called blank.
     """
-    if max(full.shape) <= SMALL_CLEAN:
+    if max(full.shape) <= CLEAN_MAX_SIDE:
         digit = _mnist_like(full)
         if digit is not None:
             return digit
@@ -333,7 +337,14 @@ def _mnist_like(full: np.ndarray) -> np.ndarray | None:
     border = np.concatenate([full[0], full[-1], full[:, 0], full[:, -1]])
     if int(border.max()) - int(border.min()) > CLEAN_BORDER:
         return None
-    background = float(np.median(border)) / 255
+    paper = int(np.median(border))
+    if max(full.shape) > SMALL_CLEAN:
+        # A bigger picture must be a drawing on plain paper throughout (a canvas export): most
+        # of it exactly the paper's level. A photo or scan never is; its noise needs the full analysis.
+        near = np.abs(full.astype(np.int16) - paper) <= CLEAN_BORDER
+        if near.mean() < CLEAN_PAPER_SHARE:
+            return None
+    background = paper / 255
     gray = full.astype(np.float32) * np.float32(1 / 255)
     if background > 0.5:  # dark digit on light paper: invert to MNIST's polarity
         gray, background = 1.0 - gray, 1.0 - background
