@@ -20,10 +20,10 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.conftest import ROOT, Server, start_server
 from PIL import Image
 
 from app.registry import read_pointer, version_path, write_pointer
+from tests.conftest import ROOT, Server, start_server
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="the playwright package is not installed (pip install -e '.[dev]')"
