@@ -207,7 +207,6 @@ class Pipeline:
         self._reading: dict[asyncio.Task[object], float] = {}  # body reads in progress: their deadlines
         self._expired: set[asyncio.Task[object]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
-        self._loop_time = time.monotonic
 
     def served(self) -> ServedModel:
         """The model this request will use from start to end (read once), or 503 before there is one."""
@@ -263,7 +262,7 @@ class Pipeline:
         # path of every prediction, and asyncio.timeout costs as much as a tenth of a small one.
         task = asyncio.current_task()
         assert task is not None
-        self._reading[task] = self._loop_time() + self.budgets.body_timeout
+        self._reading[task] = time.monotonic() + self.budgets.body_timeout
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_SECONDS, self._sweep)
         try:
@@ -300,7 +299,7 @@ class Pipeline:
 
     def _sweep(self) -> None:
         """Cancel the body reads that are past their deadline; runs while any read is in progress."""
-        now = self._loop_time()
+        now = time.monotonic()
         for task, deadline in list(self._reading.items()):
             if deadline <= now and task not in self._expired:
                 self._expired.add(task)

@@ -352,20 +352,20 @@ def infer_job(body: bytes, header_length: str | None, encoding: str | None, budg
     is inflated and parsed in the job, off the event loop.
     """
 
-    def parse(raw: bytes) -> InferRequest:
+    def parse(raw: bytes) -> tuple[InferRequest, int]:
+        """The request and the pixels its images decode to (their headers checked against the budgets)."""
         request = parse_infer_request(raw, header_length, budgets.max_batch, budgets.max_json_bytes)
-        if request.images:
-            budgets.check_images(list(request.images), where=f"input '{INPUT_NAME}' ")
-        return request
+        pixels = budgets.check_images(list(request.images), where=f"input '{INPUT_NAME}' ") if request.images else 0
+        return request, pixels
 
     if (encoding or "identity").strip().lower() != "identity" or len(body) > INLINE_BYTES:
         # Inflating and parsing cost what the body holds, not what it measures: all in a thread.
         def decode_all() -> Decoded:
-            return _decoded(parse(decompress(body, encoding, budgets.max_body_bytes)), budgets, version)
+            request, _ = parse(decompress(body, encoding, budgets.max_body_bytes))
+            return _decoded(request, budgets, version)
 
         return Job(decode_all, inline=False)
-    request = parse(body)
-    pixels = sum(image.probe(data).decoded_pixels for data in request.images)
+    request, pixels = parse(body)
     return Job(lambda: _decoded(request, budgets, version), inline=pixels <= INLINE_PIXELS)
 
 
