@@ -20,9 +20,11 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import ValidationError
 
 from app.config import Settings
-from app.deps import SettingsDep, StoreDep, read_body
+from app.deps import SettingsDep, StoreDep
+from app.errors import InputError
 from app.registry import CheckpointError, version_path
 from app.schemas import ErrorResponse, ReloadRequest, ReloadResponse
+from app.serving import declared_length
 from app.store import ModelStore, ReloadError, ServedModel
 
 __all__ = ["router"]
@@ -108,7 +110,11 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(requir
 )
 async def reload(request: Request, store: StoreDep, settings: SettingsDep) -> ReloadResponse:
     # The body is read here, after require_admin: an unauthenticated caller never gets it parsed.
-    raw = await read_body(request, MAX_ADMIN_BODY)
+    declared = declared_length(request.headers.get("content-length"))
+    if declared is not None and declared > MAX_ADMIN_BODY:
+        raise InputError(413, f"request body of {declared} bytes is over the limit of {MAX_ADMIN_BODY} bytes")
+    # The pipeline's reader: the same size cut-off while streaming and the same body deadline.
+    raw = await request.app.state.pipeline.read_body(request.receive, declared, MAX_ADMIN_BODY)
     try:
         body = ReloadRequest.model_validate_json(raw) if raw.strip() else ReloadRequest()
     except ValidationError as exc:
