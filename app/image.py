@@ -333,6 +333,10 @@ def _mnist_like(full: np.ndarray) -> np.ndarray | None:
     Such a picture has no noise, lighting or lines to undo, so MNIST's own procedure is all it
     needs: background from the border, crop, 20x20, centre of mass. It costs a fraction of the
     full analysis. None when the border is not even: the full analysis decides.
+
+    The ink is a function of the grey level alone, so it is worked out once per level (a
+    256-entry table) and the whole picture is only read as uint8: the share of paper, the
+    strongest ink and the digit's box. Only the box becomes float ink.
     """
     border = np.concatenate([full[0], full[-1], full[:, 0], full[:, -1]])
     if int(border.max()) - int(border.min()) > CLEAN_BORDER:
@@ -341,24 +345,33 @@ def _mnist_like(full: np.ndarray) -> np.ndarray | None:
     if max(full.shape) > SMALL_CLEAN:
         # A bigger picture must be a drawing on plain paper throughout (a canvas export): most
         # of it exactly the paper's level. A photo or scan never is; its noise needs the full analysis.
-        near = np.abs(full.astype(np.int16) - paper) <= CLEAN_BORDER
-        if near.mean() < CLEAN_PAPER_SHARE:
+        low, high = max(0, paper - CLEAN_BORDER), min(255, paper + CLEAN_BORDER)
+        # Levels within CLEAN_BORDER of the paper: in uint8, those below ``low`` wrap round past 255 - 8.
+        near = np.count_nonzero(full - np.uint8(low) <= high - low)
+        if near / full.size < CLEAN_PAPER_SHARE:
             return None
     background = paper / 255
-    gray = full.astype(np.float32) * np.float32(1 / 255)
-    if background > 0.5:  # dark digit on light paper: invert to MNIST's polarity
-        gray, background = 1.0 - gray, 1.0 - background
-    ink = np.clip(gray - background, 0.0, None)
-    peak = float(ink.max())
+    dark_ink = background > 0.5  # dark digit on light paper: inverted to MNIST's polarity
+    table = np.arange(256, dtype=np.float32) * np.float32(1 / 255)
+    if dark_ink:
+        table, background = 1.0 - table, 1.0 - background
+    table = np.clip(table - background, 0.0, None)
+    # The ink grows with the distance from the paper's level: its strongest is at the extreme grey.
+    peak = float(table[int(full.min()) if dark_ink else int(full.max())])
     if peak < MIN_CONTRAST:
         raise InputError(422, "the image is blank: no digit stands out from the background")
-    ink /= peak
-    marked = ink > MIN_CONTRAST
-    rows = np.flatnonzero(marked.any(axis=1))
-    cols = np.flatnonzero(marked.any(axis=0))
+    table /= peak
+    marked = np.flatnonzero(table > MIN_CONTRAST)  # never empty: the peak's own level is 1.0
+    if dark_ink:  # the levels marked are those as far from the paper as the faintest, or further
+        rows = np.flatnonzero(full.min(axis=1) <= int(marked[-1]))
+        cols = np.flatnonzero(full.min(axis=0) <= int(marked[-1]))
+    else:
+        rows = np.flatnonzero(full.max(axis=1) >= int(marked[0]))
+        cols = np.flatnonzero(full.max(axis=0) >= int(marked[0]))
     if max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 < MIN_DIGIT:
         raise InputError(422, "the image is nearly blank: its only mark is a dot, too small to be a digit")
-    return _center_by_mass(_fit_box(ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]))
+    ink = np.take(table, full[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+    return _center_by_mass(_fit_box(ink))
 
 
 def _prepare(

@@ -370,6 +370,39 @@ def test_a_small_digit_in_the_corner_of_a_big_canvas() -> None:
     assert abs(cx - 14) <= 0.5
 
 
+def _canvas(paper: int, ink: int, size: int = 280) -> np.ndarray:
+    """A canvas export: an MNIST-like '7' (a bar and a slanted stroke) in ``ink`` on flat ``paper``."""
+    canvas = np.full((size, size), paper, np.uint8)
+    canvas[60:80, 70:210] = ink
+    for row in range(80, 230):
+        column = 200 - (row - 80) * 100 // 150
+        canvas[row, column - 10 : column + 10] = ink
+    return canvas
+
+
+@pytest.mark.parametrize(("paper", "ink"), [(255, 0), (252, 30), (3, 225), (0, 255), (200, 40)])
+def test_a_canvas_export_and_its_negative_give_the_same_digit(paper: int, ink: int) -> None:
+    """Either polarity, any paper level (the ends of the grey scale too): the same model input."""
+    reference = to_model_input(png_bytes(Image.fromarray(_canvas(255, 0)).convert("RGB")), max_pixels=MAX_PIXELS)
+    for pixels in (_canvas(paper, ink), 255 - _canvas(paper, ink)):
+        out = to_model_input(png_bytes(Image.fromarray(pixels).convert("RGB")), max_pixels=MAX_PIXELS)
+        assert np.allclose(out, reference, atol=1e-6), (paper, ink)
+    assert _row_extent(reference) == 20
+
+
+@pytest.mark.parametrize(("tail", "marked"), [(224, True), (235, False)])
+def test_a_canvas_digit_box_takes_in_ink_just_over_the_contrast_floor(tail: int, marked: bool) -> None:
+    """A faint tail 12 % of the ink's strength is part of the digit (it stretches the box); 8 % is not."""
+    canvas = np.full((280, 280), 255, np.uint8)
+    canvas[40:140, 130:150] = 0  # a bar 100 px tall, in full-strength ink
+    canvas[140:200, 130:150] = tail  # and a faint tail 60 px below it
+    out = to_model_input(png_bytes(Image.fromarray(canvas).convert("RGB")), max_pixels=MAX_PIXELS)
+    strong = np.flatnonzero(out.reshape(28, 28).max(axis=1) > 0.5)
+    assert strong.size == (13 if marked else 20)  # the bar: 100 of 160 rows of the box, or the whole box
+    faint = np.flatnonzero((out.reshape(28, 28).max(axis=1) > 0.05) & (out.reshape(28, 28).max(axis=1) < 0.3))
+    assert (faint.size >= 6) == marked  # the tail's own rows, in the picture or cut off
+
+
 @pytest.fixture(scope="module")
 def model_and_digits():  # noqa: ANN201
     from app.registry import load_model, read_pointer, version_path
