@@ -30,7 +30,7 @@ import orjson
 from app import __version__, image
 from app.decode import (
     image_elements,
-    load_json_object,
+    load_json_numbers,
     only_numbers_besides,
     split_bytes_elements,
     tensor_from_bytes,
@@ -167,7 +167,7 @@ def parse_infer_request(body: bytes, header_length: str | None, max_batch: int, 
             f"the JSON part of the request is {len(header)} bytes, over the limit of {max_json_bytes}: send big "
             "tensors as binary data (the binary tensor data extension)",
         )
-    doc = load_json_object(header, _HINT)
+    doc = load_json_numbers(header, _HINT)
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InputError(400, f"'id' must be a string, got {type(request_id).__name__}")
@@ -232,10 +232,9 @@ def _input_array(
         if datatype == "BYTES":
             items = [_json_element(item, index) for index, item in enumerate(_flatten(data))]
             return None, image_elements(items, shape, INPUT_NAME, max_batch), datatype, 0
-        # The document with this tensor's data emptied: if the header is that plus numbers only,
-        # the per-element type walk can be skipped.
-        skeleton = {**doc, "inputs": [{**tensor, "data": []}]}
-        checked = only_numbers_besides(header, skeleton)
+        # Data read straight into an array holds only numbers. Else, the document with this tensor's
+        # data emptied: if the header is that plus numbers only, the per-element type walk can be skipped.
+        checked = type(data) is np.ndarray or only_numbers_besides(header, {**doc, "inputs": [{**tensor, "data": []}]})
         return tensor_from_json(data, shape, datatype, INPUT_NAME, max_batch, checked), (), datatype, 0
     if "data" in tensor:
         raise InputError(400, f"input '{INPUT_NAME}' has both 'data' and 'binary_data_size': send one of them")

@@ -8,7 +8,7 @@ import numpy as np
 import orjson
 import pytest
 
-from app.decode import decode_json, decode_npy, decode_uint8, unit_scale
+from app.decode import decode_json, decode_npy, decode_uint8, load_json_numbers, load_json_object, unit_scale
 from app.errors import InputError
 
 MAX_BATCH = 16
@@ -126,6 +126,100 @@ def test_wrong_instance_shape() -> None:
 
 
 # -- raw uint8 and .npy ------------------------------------------------------------------------
+
+
+# -- the fast parse (simdjson) against orjson ------------------------------------------------------
+
+_ROW = [round(i / 783, 4) for i in range(784)]
+_ODD = [0.5] * 20
+# Documents the fast parse reads, and documents it must leave to orjson: each must come out as
+# orjson's document (number arrays as numpy arrays holding the same values) or the same error.
+_DOCUMENTS = [
+    _json({"pixels": _ROW}),
+    _json({"pixels": [[v for v in _ROW[r * 28 : r * 28 + 28]] for r in range(28)]}),
+    _json({"instances": [_ROW, _ROW[::-1]]}),
+    _json({"pixels": [int(v > 0.5) for v in _ROW]}),  # integers
+    b'  {"pixels": [' + b", ".join(b"1E-3" for _ in range(784)) + b"] }\n",
+    b'{"pi\\u0078els": ' + _json(_ROW) + b"}",  # an escaped key
+    b'{"pixels": [1, 2], "pixels": ' + _json(_ROW) + b"}",  # a repeated key: the last one counts
+    b'{"pixels": ' + _json(_ROW) + b', "pixels": [1, 2]}',
+    b'{"pixels": [' + b"0.5, " * 20 + b'"0.5"]}',  # a string among the numbers
+    b'{"pixels": [' + b"0.5, " * 20 + b"true]}",
+    b'{"pixels": [' + b"0.5, " * 20 + b"null]}",
+    b'{"pixels": [' + b"0.5, " * 20 + b'{"a": 1}]}',
+    b'{"pixels": [' + b"0.5, " * 20 + b"[], [0.5, 0.5]]}",  # nested arrays that as_buffer would flatten
+    b'{"pixels": [' + b"0.5, " * 20 + b"[0.5]]}",
+    b'{"pixels": [' + b"0.5, " * 20 + b"1e400]}",  # out of range
+    b'{"pixels": [' + b"0.5, " * 20 + b"NaN]}",
+    b'{"pixels": [' + b"0.5, " * 20 + b"18446744073709551616]}",  # over 64 bits
+    b'{"pixels": [' + b"0.5, " * 20 + b"9007199254740993]}",
+    b'{"pixels": [' + b"0.5, " * 20 + b"01]}",
+    b'{"pixels": [' + b"0.5, " * 20 + b"1.]}",
+    b'{"pixels": [' + b"0.5, " * 20 + b"-0.0, 1e-400]}",
+    b"\xef\xbb\xbf" + _json({"pixels": _ODD}),  # a byte order mark
+    _json({"pixels": _ODD}) + b"\x00",
+    _json({"pixels": _ODD}) + b" x",
+    _json({"pixels": _ODD})[:-2],
+    _json({"pixels": _ODD, "note": "[not an array]"}),  # a bracket inside a string
+    _json({"pixels": [_ODD, [[0.5] * 16]]}),
+    _json([_ODD]),
+    b"",
+    b"   ",
+    b"[" * 40 + b"]" * 40,
+    _json({"a": {"b": {"c": _ODD}}}),
+    _json({"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": _ROW}]}),
+    _json({"inputs": [{"name": "input", "shape": [1, 20], "datatype": "BYTES", "data": _ODD}]}),
+    _json({"inputs": [{"name": "input", "parameters": {"data": _ODD}, "data": [_ODD, _ODD]}], "outputs": _ODD}),
+]
+
+
+def _same(fast: object, reference: object) -> bool:
+    """The fast parse's document is orjson's: its arrays hold the values numpy makes of orjson's lists."""
+    if isinstance(fast, np.ndarray):
+        return fast.dtype == np.float64 and np.array_equal(fast, np.asarray(reference, dtype=np.float64))
+    if isinstance(fast, list):
+        return isinstance(reference, list) and len(fast) == len(reference) and all(map(_same, fast, reference))
+    if isinstance(fast, dict):
+        return isinstance(reference, dict) and fast.keys() == reference.keys() and all(
+            _same(fast[k], reference[k]) for k in fast
+        )
+    return type(fast) is type(reference) and fast == reference
+
+
+@pytest.mark.parametrize("body", _DOCUMENTS)
+def test_the_fast_parse_gives_orjsons_document_or_its_error(body: bytes) -> None:
+    try:
+        expected: object = load_json_object(body, "hint")
+    except InputError as exc:
+        error = _err(load_json_numbers, body, "hint")
+        assert (error.status_code, error.detail) == (exc.status_code, exc.detail)
+        return
+    assert _same(load_json_numbers(body, "hint"), expected)
+
+
+def test_the_fast_parse_reads_number_arrays_as_arrays() -> None:
+    doc = load_json_numbers(_json({"pixels": _ROW, "shape": [1, 784]}), "hint")
+    assert isinstance(doc["pixels"], np.ndarray)
+    assert doc["shape"] == [1, 784]  # not under a number key: a list, as orjson gives it
+    rows = load_json_numbers(_json({"instances": [_ROW, _ROW]}), "hint")["instances"]
+    assert isinstance(rows, list) and all(isinstance(r, np.ndarray) for r in rows)
+
+
+@pytest.mark.parametrize("body", _DOCUMENTS)
+def test_decode_json_answers_as_from_orjsons_document(body: bytes) -> None:
+    """decode_json on the fast parse: the same rows, or the same error, as on orjson's lists."""
+    try:
+        doc = load_json_object(body, "hint")
+        key = "pixels" if "pixels" in doc else "instances"
+        reference = np.asarray(doc[key], dtype=np.float64).astype(np.float32).reshape(-1, 784)
+    except (InputError, ValueError, KeyError, TypeError, OverflowError):
+        reference = None
+    try:
+        x, _ = decode_json(body, MAX_BATCH)
+    except InputError:
+        return  # the error is the general path's (the test above)
+    assert reference is not None
+    assert np.array_equal(x, reference)
 
 
 def test_uint8_batches() -> None:
