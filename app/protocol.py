@@ -10,6 +10,9 @@ then nothing, or nothing at all, is kept open forever. :class:`GuardedHttpToolsP
 * ``head_timeout``: a head must arrive within this many seconds of the connection opening or
   of the previous response; else ``408`` and the connection is closed.
 
+It also writes each response's head and first body chunk to the socket together (uvicorn writes
+them separately: two ``send`` system calls, and often two TCP segments, for every small answer).
+
 ``python -m app`` (the launcher) serves with it, limits from the settings; :func:`guarded_protocol`
 makes a variant with other limits.
 """
@@ -19,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from app.config import get_settings
 
@@ -88,6 +91,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return  # no request cycle: the app never sees it
         super().on_headers_complete()
 
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        # Uvicorn makes every request's cycle (and then calls this to run it, pipelined ones later).
+        if type(cycle) is RequestResponseCycle:
+            cycle.__class__ = _CoalescingCycle
+        super()._start_asgi_task(cycle, app)
+
     def on_body(self, body: bytes) -> None:
         if not self._refused:
             super().on_body(body)
@@ -128,6 +137,68 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             b"connection: close\r\n\r\n%s" % (status, _REASONS[status], len(body), body)
         )
         self.transport.close()
+
+
+class _HeldHead:
+    """Stands in for the transport from a response's start until its first body chunk.
+
+    What is written meanwhile (the status line and headers) is held and written with that chunk;
+    a close writes it first. Everything else is the transport's.
+    """
+
+    __slots__ = ("transport", "parts")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def release(self) -> None:
+        if self.parts and not self.transport.is_closing():
+            self.transport.write(b"".join(self.parts))
+            self.parts.clear()
+
+    def close(self) -> None:
+        self.release()
+        self.transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+class _CoalescingCycle(RequestResponseCycle):
+    """Uvicorn's request cycle, with a response's head and first body chunk written in one call.
+
+    Uvicorn's ``send`` is used as it is; only the transport it writes to is swapped for a
+    :class:`_HeldHead` between the two messages. The head is released by the first body message
+    (after that message's own write, and before anything else runs: there is no ``await`` in
+    between), by a close, or, for a response with no body write (HEAD), when the body message returns.
+    """
+
+    async def send(self, message: Any) -> None:
+        transport = self.transport
+        if type(transport) is _HeldHead:
+            try:
+                await super().send(message)
+            finally:
+                self.transport = transport.transport
+                transport.release()
+            return
+        if message["type"] != "http.response.start" or self.response_started:
+            await super().send(message)
+            return
+        held = _HeldHead(transport)
+        self.transport = held  # type: ignore[assignment]
+        try:
+            await super().send(message)
+        except BaseException:
+            self.transport = transport
+            held.release()
+            raise
+        if not held.parts:  # nothing was written (the client had left)
+            self.transport = transport
 
 
 def guarded_protocol(max_head_bytes: int, head_timeout: float) -> type[GuardedHttpToolsProtocol]:
