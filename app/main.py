@@ -107,6 +107,8 @@ def create_app(settings: Settings | None = None) -> Service:
                     await watcher
             store.close()
             metrics.model_unloaded(store.serving_version)
+            for handler in logging.getLogger("app").handlers:  # the buffered access lines (app.logs)
+                handler.flush()
 
     app = FastAPI(
         title="MNIST digit service",

@@ -7,10 +7,11 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable
 from urllib.parse import quote
 
@@ -23,6 +24,28 @@ _ACCESS = 'request_id=%s method=%s path="%s" status=%d duration_ms=%.2f client=%
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 Observer = Callable[[str, str, int, float], None]
+
+
+class _RequestIds:
+    """Request ids as uuid4().hex looks (32 hex digits), at a fraction of its cost.
+
+    A random 64-bit prefix per process (drawn again in a forked child) and a counter: unique
+    across workers and restarts without drawing 16 random bytes for every request.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count(1)
+
+    def new(self) -> str:
+        return f"{self._prefix}{next(self._counter):016x}"
+
+
+new_request_id = _RequestIds().new
 
 
 class RequestContextMiddleware:
@@ -42,7 +65,7 @@ class RequestContextMiddleware:
                 candidate = value.decode("latin-1")
                 request_id = candidate if _SAFE_ID.match(candidate) else ""
                 break
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or new_request_id()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         # When the request arrived, as the pipeline's queue deadline counts it (app.serving).
