@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 from typing import Any
 
 import numpy as np
@@ -180,13 +181,31 @@ def load_json_numbers(body: bytes, hint: str) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else load_json_object(body, hint)
 
 
+# The event loop's parser, reused for small bodies (a new parser allocates for every document).
+# Only the thread that made it uses it; bigger bodies get a parser of their own, so that none
+# keeps a big document's buffers. simdjson refuses to reuse a parser while a value from its last
+# document is alive: every value _convert reads is dropped before it returns.
+_SMALL = 64 * 1024
+_local = threading.local()
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _parser(size: int) -> simdjson.Parser:
+    if size > _SMALL:
+        return simdjson.Parser()
+    parser = getattr(_local, "parser", None)
+    if parser is None:
+        parser = _local.parser = simdjson.Parser()
+    return parser
+
+
 def _fast_parse(body: bytes) -> Any:
     if body.startswith(_BOM):  # orjson refuses it; simdjson would not
         return None
     arrays = [0]
     try:
-        doc = _convert(simdjson.Parser().parse(body), arrays, 0, False)
-    except (ValueError, TypeError, _Unproven):
+        doc = _convert(_parser(len(body)).parse(body), arrays, 0, False)
+    except (ValueError, TypeError, RuntimeError, _Unproven):
         return None
     # simdjson's as_buffer flattens arrays nested in a number array ([0.5, [], [1, 0]] reads as
     # three numbers). Every "[" in the body is an array; when the walk saw them all, none was
@@ -196,9 +215,11 @@ def _fast_parse(body: bytes) -> Any:
 
 def _convert(value: Any, arrays: list[int], depth: int, numbers: bool) -> Any:
     """simdjson's lazy document to Python, number arrays under :data:`_NUMBER_KEYS` as float64."""
-    if isinstance(value, simdjson.Array):
-        if depth > _MAX_DEPTH:
-            raise _Unproven
+    if type(value) in _SCALARS:
+        return value
+    if depth > _MAX_DEPTH:
+        raise _Unproven
+    if type(value) is simdjson.Array:
         arrays[0] += 1
         if numbers and len(value) >= _VECTOR_MIN:
             first = value[0]
@@ -206,16 +227,12 @@ def _convert(value: Any, arrays: list[int], depth: int, numbers: bool) -> Any:
                 # TypeError when another element is not a number: the whole parse is not proven.
                 return np.frombuffer(value.as_buffer(of_type="d"), dtype=np.float64)
         return [_convert(item, arrays, depth + 1, numbers) for item in value]
-    if isinstance(value, simdjson.Object):
-        if depth > _MAX_DEPTH:
-            raise _Unproven
-        keys = list(value.keys())
-        if len(set(keys)) != len(keys):  # a repeated key: simdjson reads the first, orjson the last
-            raise _Unproven
-        strings = value.get("datatype") == "BYTES"  # a v2 tensor of images: its data stays as it is
-        # value[key], not items(): items() turns everything below into Python objects at once.
-        return {key: _convert(value[key], arrays, depth + 1, key in _NUMBER_KEYS and not strings) for key in keys}
-    return value
+    keys = list(value.keys())
+    if len(set(keys)) != len(keys):  # a repeated key: simdjson reads the first, orjson the last
+        raise _Unproven
+    strings = "datatype" in keys and value["datatype"] == "BYTES"  # a v2 tensor of images: its data stays as is
+    # value[key], not items(): items() turns everything below into Python objects at once.
+    return {key: _convert(value[key], arrays, depth + 1, key in _NUMBER_KEYS and not strings) for key in keys}
 
 
 def decode_json(body: bytes, max_batch: int) -> tuple[np.ndarray, bool]:
