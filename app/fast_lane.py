@@ -26,10 +26,12 @@ from starlette.datastructures import State
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import InputError
+from app.metrics import count_predictions
+from app.middleware import RequestContextMiddleware
 from app.routes import predict, v2
-from app.serving import INLINE_BYTES, Answer, Pipeline
+from app.serving import INLINE_BYTES, Pipeline
 
-__all__ = ["FastLaneDispatch", "LaneRequest", "eligible"]
+__all__ = ["DirectLane", "FastLaneDispatch", "LaneRequest", "eligible", "respond"]
 
 logger = logging.getLogger("app")
 
@@ -108,8 +110,21 @@ class FastLaneDispatch:
             await serve(lane, self.app_state.pipeline, scope, receive, send)
 
 
+Header = tuple[bytes, bytes]
+Response = tuple[int, list[Header], bytes]
+
+
 async def serve(lane: LaneRequest, pipeline: Pipeline, scope: Scope, receive: Receive, send: Send) -> None:
-    """Answer one eligible request, errors in its route's format."""
+    """Answer one eligible request through ASGI ``send``, errors in its route's format."""
+    answer = await respond(lane, pipeline, scope, receive)
+    if answer is not None:
+        status, headers, body = answer
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def respond(lane: LaneRequest, pipeline: Pipeline, scope: Scope, receive: Receive) -> Response | None:
+    """One eligible request's answer: status, headers, body; None when the client left."""
     state = scope.setdefault("state", {})
     state["route_template"] = _TEMPLATES[lane.endpoint]
     started: float = state.get("started") or time.perf_counter()
@@ -135,36 +150,54 @@ async def serve(lane: LaneRequest, pipeline: Pipeline, scope: Scope, receive: Re
                 encoding=None,
             )
     except InputError as exc:
-        if exc.status_code == 499:  # the client left: nobody to answer
-            return
+        if exc.status_code == 499:  # the client left: nobody to answer (the access line says 499)
+            state["client_left"] = True
+            return None
         status, body = (
             (exc.status_code, orjson.dumps({"detail": exc.detail}))
             if lane.endpoint == "predict"
             else v2.error_body(exc.status_code, exc.detail)
         )
-        extra = tuple((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items())
-        await _send(send, status, body, b"application/json", extra)
-        return
+        extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items()]
+        return status, _headers(body, b"application/json", extra), body
     except Exception:
         logger.exception("unhandled error (request_id=%s)", state.get("request_id", "-"))
-        await _send(send, 500, orjson.dumps({"detail": "internal server error"}), b"application/json", ())
-        return
+        body = orjson.dumps({"detail": "internal server error"})
+        return 500, _headers(body, b"application/json", []), body
     state["input_kind"] = result.kind
     state["predictions"] = result.count
-    await _send_answer(send, result, served.version)
+    extra = [(b"x-model-version", served.version.encode("latin-1"))]
+    extra += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in result.headers]
+    return 200, _headers(result.body, result.media_type.encode("latin-1"), extra), result.body
 
 
-async def _send_answer(send: Send, result: Answer, version: str) -> None:
-    extra = ((b"x-model-version", version.encode("latin-1")),) + tuple(
-        (k.encode("latin-1"), v.encode("latin-1")) for k, v in result.headers
-    )
-    await _send(send, 200, result.body, result.media_type.encode("latin-1"), extra)
+def _headers(body: bytes, content_type: bytes, extra: list[Header]) -> list[Header]:
+    return [*extra, (b"content-length", str(len(body)).encode()), (b"content-type", content_type)]
 
 
-Header = tuple[bytes, bytes]
+class DirectLane:
+    """The lane as the launcher's HTTP protocol calls it (app.protocol): no ASGI in between.
 
+    Under ``python -m app`` an eligible request does not go through the ASGI middleware chain:
+    the protocol asks :meth:`respond` for the whole answer and writes it. The answer is the same
+    (:func:`respond` is what the ASGI lane sends), and so are the request id, the access line,
+    the latency and prediction metrics: the chain's own middlewares do them, called directly.
+    """
 
-async def _send(send: Send, status: int, body: bytes, content_type: bytes, extra: tuple[Header, ...]) -> None:
-    headers = [*extra, (b"content-length", str(len(body)).encode()), (b"content-type", content_type)]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    def __init__(self, app_state: State, context: RequestContextMiddleware) -> None:
+        self.app_state = app_state
+        self.context = context
+
+    async def respond(self, lane: LaneRequest, scope: Scope, receive: Receive) -> Response | None:
+        header = self.context.begin(scope)
+        status = 500
+        try:
+            answer = await respond(lane, self.app_state.pipeline, scope, receive)
+            if answer is None:
+                return None
+            status = answer[0]
+            answer[1].append(header)
+            return answer
+        finally:
+            count_predictions(scope)
+            self.context.finish(scope, status)

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app import __version__, metrics
 from app.config import Settings, get_settings
 from app.errors import InputError
-from app.fast_lane import FastLaneDispatch
+from app.fast_lane import DirectLane, FastLaneDispatch
 from app.logs import configure_logging
 from app.middleware import RequestContextMiddleware, StartupErrorMiddleware
 from app.registry import CheckpointError
@@ -49,11 +49,14 @@ class Service:
     metrics, the predictions counter, then :class:`~app.fast_lane.FastLaneDispatch`, which hands
     small prediction requests to the lane and everything else (lifespan included) to ``api``,
     the FastAPI app with every route. Both lanes pass the same middlewares, built once.
+    ``lane`` is the same fast lane for the launcher's protocol, which calls it without ASGI.
     """
 
-    def __init__(self, api: FastAPI, chain: ASGIApp) -> None:
+    def __init__(self, api: FastAPI, chain: ASGIApp, lane: DirectLane | None = None) -> None:
         self.api = api
         self.chain = chain
+        # The fast lane without ASGI, for the launcher's HTTP protocol (app.protocol); None: off.
+        self.lane = lane
 
     @property
     def state(self) -> State:
@@ -145,9 +148,9 @@ def create_app(settings: Settings | None = None) -> Service:
     # and body-limit middlewares, routing) are behind the dispatch: the fast lane skips them.
     chain: ASGIApp = FastLaneDispatch(app, app.state) if settings.fast_lane else app
     chain = metrics.PredictionCounter(chain)
-    chain = RequestContextMiddleware(chain, access_log=settings.access_log, observe=metrics.observe_request)
-    chain = StartupErrorMiddleware(chain, message=lambda: startup_problem[-1] if startup_problem else None)
-    return Service(app, chain)
+    context = RequestContextMiddleware(chain, access_log=settings.access_log, observe=metrics.observe_request)
+    chain = StartupErrorMiddleware(context, message=lambda: startup_problem[-1] if startup_problem else None)
+    return Service(app, chain, DirectLane(app.state, context) if settings.fast_lane else None)
 
 
 app = create_app()

@@ -50,6 +50,7 @@ from app.workers import default_runtime_dir, pid_alive
 
 __all__ = [
     "PredictionCounter",
+    "count_predictions",
     "model_fallback",
     "model_swapped",
     "model_unloaded",
@@ -380,10 +381,15 @@ class PredictionCounter:
         try:
             await self.app(scope, receive, send)
         finally:
-            state = scope.get("state") or {}
-            kind = state.get("input_kind")
-            if kind is not None:
-                _count_predictions(kind, state.get("predictions", 0))
+            count_predictions(scope)
+
+
+def count_predictions(scope: Scope) -> None:
+    """Count the images a prediction request reported in its state (``input_kind``, ``predictions``)."""
+    state = scope.get("state") or {}
+    kind = state.get("input_kind")
+    if kind is not None:
+        _count_predictions(kind, state.get("predictions", 0))
 
 
 def render() -> bytes:

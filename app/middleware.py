@@ -17,6 +17,8 @@ from urllib.parse import quote
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.logs import LineBuffer
+
 __all__ = ["RequestContextMiddleware", "StartupErrorMiddleware"]
 
 access_logger = logging.getLogger("app.access")
@@ -58,19 +60,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
-        request_id = ""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                candidate = value.decode("latin-1")
-                request_id = candidate if _SAFE_ID.match(candidate) else ""
-                break
-        request_id = request_id or new_request_id()
-        state = scope.setdefault("state", {})
-        state["request_id"] = request_id
-        # When the request arrived, as the pipeline's queue deadline counts it (app.serving).
-        state["started"] = started
-        header = (b"x-request-id", request_id.encode("latin-1"))
+        header = self.begin(scope)
         status = 500
 
         async def send_with_id(message: Message) -> None:
@@ -83,20 +73,49 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            elapsed = time.perf_counter() - started
-            route = scope.get("route")
-            # The route template (/predict): the router's match, or the fast lane's own label.
-            path_label = getattr(route, "path", None) or state.get("route_template") or "<unmatched>"
-            if self.observe is not None:
-                self.observe(scope["method"], path_label, status, elapsed)
-            if self.access_log and access_logger.isEnabledFor(logging.INFO):
-                client = scope.get("client")
-                host = client[0] if client else "-"
-                args = (request_id, scope["method"], _loggable(scope["path"]), status, elapsed * 1000, host)
-                # What .info() does minus findCaller: its stack walk is a large share of the line's
-                # cost on the hottest path, and the caller is always this line.
-                record = access_logger.makeRecord(access_logger.name, logging.INFO, __file__, 0, _ACCESS, args, None)
-                access_logger.handle(record)
+            self.finish(scope, status)
+
+    def begin(self, scope: Scope) -> tuple[bytes, bytes]:
+        """A request starts: its id and start time into its state; returns the X-Request-ID header."""
+        started = time.perf_counter()
+        request_id = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                candidate = value.decode("latin-1")
+                request_id = candidate if _SAFE_ID.match(candidate) else ""
+                break
+        request_id = request_id or new_request_id()
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        # When the request arrived, as the pipeline's queue deadline counts it (app.serving).
+        state["started"] = started
+        return (b"x-request-id", request_id.encode("latin-1"))
+
+    def finish(self, scope: Scope, status: int) -> None:
+        """A request is answered (or its client left): the latency observation and the access line."""
+        state = scope["state"]
+        if state.get("client_left"):  # nothing was sent: nginx's 499, not the 500 it would default to
+            status = 499
+        elapsed = time.perf_counter() - state["started"]
+        route = scope.get("route")
+        # The route template (/predict): the router's match, or the fast lane's own label.
+        path_label = getattr(route, "path", None) or state.get("route_template") or "<unmatched>"
+        if self.observe is not None:
+            self.observe(scope["method"], path_label, status, elapsed)
+        if self.access_log and access_logger.isEnabledFor(logging.INFO):
+            client = scope.get("client")
+            host = client[0] if client else "-"
+            args = (state["request_id"], scope["method"], _loggable(scope["path"]), status, elapsed * 1000, host)
+            parent = access_logger.parent
+            handlers = parent.handlers if parent is not None else ()
+            if len(handlers) == 1 and type(handlers[0]) is LineBuffer:
+                # The service's own handler, alone: the line straight into its buffer (app.logs).
+                if handlers[0].line(access_logger, logging.INFO, _ACCESS % args):
+                    return
+            # What .info() does minus findCaller: its stack walk is a large share of the line's
+            # cost on the hottest path, and the caller is always this line.
+            record = access_logger.makeRecord(access_logger.name, logging.INFO, __file__, 0, _ACCESS, args, None)
+            access_logger.handle(record)
 
 
 def _loggable(path: str) -> str:

@@ -11,7 +11,10 @@ then nothing, or nothing at all, is kept open forever. :class:`GuardedHttpToolsP
   of the previous response; else ``408`` and the connection is closed.
 
 It also writes each response's head and first body chunk to the socket together (uvicorn writes
-them separately: two ``send`` system calls, and often two TCP segments, for every small answer).
+them separately: two ``send`` system calls, and often two TCP segments, for every small answer),
+and hands the fast lane's requests (app.fast_lane) to the app's :class:`~app.fast_lane.DirectLane`
+without the ASGI layers (uvicorn's proxy-headers middleware is applied as uvicorn would): the
+protocol writes the lane's whole answer at once. Everything else goes through the ASGI app.
 
 ``python -m app`` (the launcher) serves with it, limits from the settings; :func:`guarded_protocol`
 makes a variant with other limits.
@@ -22,9 +25,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from app.config import get_settings
+from app.fast_lane import DirectLane, Response, eligible
 
 __all__ = ["GuardedHttpToolsProtocol", "guarded_protocol"]
 
@@ -47,6 +52,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._streamed = 0  # bytes received while a head stays incomplete
         self._refused = False
         self._head_timer: asyncio.TimerHandle | None = None
+        self._lane = _direct_lane(self.config)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -94,7 +100,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         # Uvicorn makes every request's cycle (and then calls this to run it, pipelined ones later).
         if type(cycle) is RequestResponseCycle:
-            cycle.__class__ = _CoalescingCycle
+            cycle.__class__ = _Cycle
+            cycle.lane = self._lane  # type: ignore[attr-defined]
         super()._start_asgi_task(cycle, app)
 
     def on_body(self, body: bytes) -> None:
@@ -168,14 +175,82 @@ class _HeldHead:
         return getattr(self.transport, name)
 
 
-class _CoalescingCycle(RequestResponseCycle):
-    """Uvicorn's request cycle, with a response's head and first body chunk written in one call.
+async def _no_app(scope: Any, receive: Any, send: Any) -> None:
+    return None
 
-    Uvicorn's ``send`` is used as it is; only the transport it writes to is swapped for a
-    :class:`_HeldHead` between the two messages. The head is released by the first body message
-    (after that message's own write, and before anything else runs: there is no ``await`` in
-    between), by a close, or, for a response with no body write (HEAD), when the body message returns.
+
+def _direct_lane(config: Any) -> tuple[DirectLane, ProxyHeadersMiddleware | None] | None:
+    """The served app's direct lane, and the proxy-headers step uvicorn puts before the app.
+
+    None (every request through ASGI) unless the app uvicorn loaded is exactly a service with a
+    lane, behind at most uvicorn's proxy-headers middleware: any other wrapper must see every request.
     """
+    app = config.loaded_app
+    proxy = None
+    if type(app) is ProxyHeadersMiddleware:
+        proxy = ProxyHeadersMiddleware(_no_app, trusted_hosts=config.forwarded_allow_ips)
+        app = app.app
+    lane = getattr(app, "lane", None)
+    return (lane, proxy) if isinstance(lane, DirectLane) else None
+
+
+class _Cycle(RequestResponseCycle):
+    """Uvicorn's request cycle, plus: the direct lane, and a response's head and first body chunk in one write.
+
+    ``send`` is uvicorn's, with the transport swapped for a :class:`_HeldHead` between the
+    response's start and its first body message: the head is released by that message (after
+    its own write, with no ``await`` in between), by a close, or, for a response with no body
+    write (HEAD), when the body message returns.
+    """
+
+    lane: tuple[DirectLane, ProxyHeadersMiddleware | None] | None = None
+
+    async def run_asgi(self, app: Any) -> None:
+        scope: Any = self.scope  # uvicorn's typed dict; the lane takes any ASGI scope
+        request = eligible(scope) if self.lane is not None else None
+        if request is None:
+            await super().run_asgi(app)
+            return
+        lane, proxy = self.lane  # type: ignore[misc]
+        try:
+            if proxy is not None:
+                await proxy(self.scope, self.receive, self.send)  # rewrites the client and scheme, as uvicorn does
+            receive: Any = self.receive
+            answer = await lane.respond(request, scope, receive)
+            if answer is not None:
+                await self._write_whole(answer)
+        except BaseException as exc:  # as uvicorn's run_asgi does
+            self.logger.error("Exception in ASGI application\n", exc_info=exc)
+            if not self.response_started:
+                await self.send_500_response()
+            else:
+                self.transport.close()
+        finally:
+            self.on_response = lambda: None
+
+    async def _write_whole(self, answer: Response) -> None:
+        """What uvicorn's send does for a start and a whole body, in one write."""
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+        if self.disconnected:
+            return
+        status, headers, body = answer
+        content = [STATUS_LINE[status]]
+        for name, value in (*self.default_headers, *headers):
+            if b"\r" in value or b"\n" in value:
+                raise RuntimeError("Invalid HTTP header value.")
+            content.extend((name, b": ", value, b"\r\n"))
+        if not self.keep_alive:
+            content.append(b"connection: close\r\n")
+        content.extend((b"\r\n", body))
+        self.response_started = True
+        self.waiting_for_100_continue = False
+        self.transport.write(b"".join(content))
+        self.response_complete = True
+        self.message_event.set()
+        if not self.keep_alive:
+            self.transport.close()
+        self.on_response()
 
     async def send(self, message: Any) -> None:
         transport = self.transport

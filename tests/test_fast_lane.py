@@ -10,13 +10,19 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import re
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 import orjson
 import pytest
 import torch
+import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -25,6 +31,7 @@ from app.config import Settings
 from app.main import create_app
 from app.metrics import PredictionCounter
 from app.middleware import RequestContextMiddleware, StartupErrorMiddleware
+from app.protocol import guarded_protocol
 from app.serving import INLINE_BYTES
 from tests.helpers import png_bytes
 
@@ -260,3 +267,83 @@ def test_no_model_is_a_503_before_any_body_check(models_dir: Path) -> None:
     assert fast.status_code == routed.status_code == 503
     assert fast.json() == routed.json() == {"detail": "no model loaded yet"}
     assert fast.headers["retry-after"] == routed.headers["retry-after"] == "1"
+
+
+# -- the direct lane: the launcher's protocol calls the lane without ASGI ---------------------------
+
+
+@pytest.fixture
+def served(models_dir: Path) -> Iterator[tuple[str, list[int]]]:
+    """The service behind uvicorn with the launcher's protocol; the direct lane's calls counted."""
+    app = create_app(Settings(model_dir=models_dir, reload_interval=0, max_batch_size=8, access_log=False))
+    assert app.lane is not None
+    calls: list[int] = []
+    respond = app.lane.respond
+
+    async def counted(*args: Any) -> Any:
+        calls.append(1)
+        return await respond(*args)
+
+    app.lane.respond = counted  # type: ignore[method-assign]
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, http=guarded_protocol(64 * 1024, 10.0), log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", calls
+    server.should_exit = True
+    thread.join(30)
+
+
+def _over_http(base: str, path: str, content_type: str | None, body: bytes) -> tuple[httpx.Response, httpx.Response]:
+    headers = {"content-type": content_type} if content_type else {}
+
+    def chunked() -> Iterator[bytes]:
+        yield body
+
+    with httpx.Client(base_url=base, timeout=30) as http:
+        direct = http.post(path, content=body, headers=headers)
+        routed = http.post(path, content=chunked(), headers=headers)  # no Content-Length: the ASGI app
+    return direct, routed
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_direct_lane_answers_like_the_route(served: tuple[str, list[int]], case: str) -> None:
+    base, calls = served
+    content_type, body = CASES[case]
+    direct, routed = _over_http(base, "/predict", content_type, body)
+    _same(direct, routed)
+    assert calls == ([1] if len(body) <= INLINE_BYTES else [])
+
+
+@pytest.mark.parametrize("case", sorted(V2_CASES))
+def test_the_direct_v2_lane_answers_like_the_route(served: tuple[str, list[int]], case: str) -> None:
+    base, calls = served
+    direct, routed = _over_http(base, "/v2/models/mnist/infer", None, V2_CASES[case])
+    _same(direct, routed)
+    assert calls == [1]
+
+
+def test_the_direct_lane_keeps_ids_metrics_and_keep_alive(served: tuple[str, list[int]]) -> None:
+    base, calls = served
+    body = orjson.dumps({"pixels": SEVEN})
+    with httpx.Client(base_url=base, timeout=30) as http:
+        before = http.get("/metrics").text
+        json_type = {"content-type": "application/json"}
+        answers = [
+            http.post("/predict", content=body, headers={**json_type, "x-request-id": f"id-{i}"}) for i in range(5)
+        ]
+        after = http.get("/metrics").text
+    assert [a.headers["x-request-id"] for a in answers] == [f"id-{i}" for i in range(5)]
+    assert all(a.json()["label"] == 7 for a in answers)
+    assert len(calls) == 5
+
+    def count(text: str) -> float:
+        pattern = r'mnist_http_requests_total\{method="POST",route="/predict",status="200"\} ([\d.e+]+)'
+        found = re.search(pattern, text)
+        return float(found.group(1)) if found else 0.0
+
+    assert count(after) - count(before) == 5

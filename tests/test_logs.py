@@ -90,3 +90,24 @@ def test_request_ids_are_32_hex_digits_unique_and_differ_in_a_forked_child() -> 
     os.waitpid(pid, 0)
     os.close(read)
     assert child[:16] != next(iter(ids))[:16]
+
+
+def test_a_line_written_directly_reads_as_through_logging() -> None:
+    stream = io.StringIO()
+    parent, handler = _logger(stream, interval=60)
+    child = logging.getLogger(parent.name + ".access")
+    child.handlers[:] = []
+    assert handler.line(child, logging.INFO, 'status=200 path="/predict"')
+    child.info('status=200 path="/predict"')
+    handler.flush()
+    direct, logged = stream.getvalue().splitlines()
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
+    assert re.fullmatch(stamp + re.escape(f'INFO {child.name} status=200 path="/predict"'), direct)
+    assert direct[23:] == logged[23:]  # all but the time
+    # Anything else that would see the record: not written directly, logging decides.
+    child.addFilter(lambda record: True)
+    assert not handler.line(child, logging.INFO, "x")
+    child.filters.clear()
+    parent.addHandler(logging.NullHandler())
+    assert not handler.line(child, logging.INFO, "x")
+    handler.close()
