@@ -51,7 +51,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # of the current head, as parsed (request target and headers)
         self._streamed = 0  # bytes received while a head stays incomplete
         self._refused = False
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._watch = _HeadWatch.of(self.server_state, self.loop, self._timeout)
         self._lane = _direct_lane(self.config)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -78,7 +78,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._in_head = True
         self._head_bytes = self._streamed = 0
-        if self._head_timer is None:
+        if self not in self._watch.deadlines:
             self._arm()
 
     def on_url(self, url: bytes) -> None:
@@ -122,16 +122,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._arm()
 
     def _arm(self) -> None:
-        self._disarm()
-        self._head_timer = self.loop.call_later(self._timeout, self._head_timed_out)
+        self._watch.deadlines[self] = self.loop.time() + self._timeout
+        self._watch.start()
 
     def _disarm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._watch.deadlines.pop(self, None)
 
     def _head_timed_out(self) -> None:
-        self._head_timer = None
         if self._in_head and not self.transport.is_closing():
             self._refuse(408, f"request head not received within {self._timeout:g} s")
 
@@ -144,6 +141,45 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             b"connection: close\r\n\r\n%s" % (status, _REASONS[status], len(body), body)
         )
         self.transport.close()
+
+
+class _HeadWatch:
+    """The head deadlines of a server's connections, kept by one sweep instead of a timer each.
+
+    A timer per request (armed after each response, cancelled when the next head is complete)
+    costs more than the deadline check itself. The sweep runs every quarter of the timeout (at
+    most once a second) while any connection waits for a head, so a head is refused between
+    the timeout and the timeout plus one sweep interval.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.loop = loop
+        self.interval = min(1.0, max(timeout / 4, 0.01))
+        self.deadlines: dict[GuardedHttpToolsProtocol, float] = {}
+        self._handle: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def of(cls, server_state: Any, loop: asyncio.AbstractEventLoop, timeout: float) -> _HeadWatch:
+        """The watch of this server (its connections share the server state), made on first use."""
+        watches: dict[float, _HeadWatch] = server_state.__dict__.setdefault("_mnist_head_watch", {})
+        watch = watches.get(timeout)
+        if watch is None or watch.loop is not loop:
+            watch = watches[timeout] = cls(loop, timeout)
+        return watch
+
+    def start(self) -> None:
+        if self._handle is None:
+            self._handle = self.loop.call_later(self.interval, self._sweep)
+
+    def _sweep(self) -> None:
+        self._handle = None
+        now = self.loop.time()
+        late = [protocol for protocol, deadline in self.deadlines.items() if deadline <= now]
+        for protocol in late:
+            del self.deadlines[protocol]
+            protocol._head_timed_out()
+        if self.deadlines:
+            self.start()
 
 
 class _HeldHead:
