@@ -101,7 +101,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # Uvicorn makes every request's cycle (and then calls this to run it, pipelined ones later).
         if type(cycle) is RequestResponseCycle:
             cycle.__class__ = _Cycle
-            cycle.lane = self._lane  # type: ignore[attr-defined]
+            # Not when uvicorn substituted its own app (the 503 of limit_concurrency).
+            cycle.lane = self._lane if app is self.app else None  # type: ignore[attr-defined]
         super()._start_asgi_task(cycle, app)
 
     def on_body(self, body: bytes) -> None:

@@ -347,3 +347,27 @@ def test_the_direct_lane_keeps_ids_metrics_and_keep_alive(served: tuple[str, lis
         return float(found.group(1)) if found else 0.0
 
     assert count(after) - count(before) == 5
+
+
+def test_the_direct_lane_keeps_uvicorns_concurrency_limit(models_dir: Path) -> None:
+    app = create_app(Settings(model_dir=models_dir, reload_interval=0, access_log=False))
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, http=guarded_protocol(64 * 1024, 10.0), log_level="critical", limit_concurrency=2
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    body = orjson.dumps({"pixels": SEVEN})
+    try:
+        with httpx.Client(base_url=base, timeout=30) as first, httpx.Client(base_url=base, timeout=30) as second:
+            assert first.get("/health/live").status_code == 200  # holds one connection open
+            over = second.post("/predict", content=body, headers={"content-type": "application/json"})
+        assert over.status_code == 503  # uvicorn's answer over the limit, not the lane's
+    finally:
+        server.should_exit = True
+        thread.join(30)
