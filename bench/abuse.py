@@ -3,7 +3,7 @@
     python -m bench.abuse                 # prints the table
     python -m bench.abuse --record        # and writes it to docs/hostile-requests.md
 
-Starts ``uvicorn app.main:app`` (one worker, the bundled model, default settings) on a free
+Starts ``python -m app`` (one worker, the bundled model, default settings) on a free
 127.0.0.1 port and sends each request below once. For every row it measures, on the worker
 process: the peak-RSS growth (``VmHWM`` reset through ``/proc/PID/clear_refs`` just before the
 request, compared with ``VmRSS`` then) and the wall time to the answer. A row passes when the
@@ -374,15 +374,23 @@ def _measure(attack: Attack, base: str, port: int, pid: int) -> Row:
     return Row(attack, status, " ".join(detail.split())[:90], seconds, growth, alive, attack.ok(status, detail))
 
 
-def _start(port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "MNIST_LOG_LEVEL": "warning", "MNIST_RUNTIME_DIR": f"/tmp/mnist-abuse-{port}"}
-    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+def _start(port: int) -> tuple[subprocess.Popen[bytes], int]:
+    """``python -m app`` as deployed, one worker; returns the launcher and the worker's pid."""
+    env = {
+        **os.environ,
+        "MNIST_LOG_LEVEL": "warning",
+        "MNIST_RUNTIME_DIR": f"/tmp/mnist-abuse-{port}",
+        "MNIST_HOST": "127.0.0.1",
+        "MNIST_PORT": str(port),
+        "MNIST_WORKERS": "1",
+    }
+    command = [sys.executable, "-m", "app"]
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 200:
-                return proc
+                return proc, int(httpx.get(f"http://127.0.0.1:{port}/model", timeout=5).json()["pid"])
         except httpx.HTTPError:
             time.sleep(0.2)
     proc.kill()
@@ -410,10 +418,10 @@ def main(argv: list[str] | None = None) -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = _start(port)
+    proc, worker = _start(port)
     base = f"http://127.0.0.1:{port}"
     try:
-        rows = [_measure(attack, base, port, proc.pid) for attack in attacks()]
+        rows = [_measure(attack, base, port, worker) for attack in attacks()]
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -425,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         DOC.write_text(
             "# Hostile requests\n\n"
-            "What each request costs one worker (`uvicorn app.main:app`, default settings, the bundled model), "
+            "What each request costs the worker of `python -m app` (one worker, default settings, the bundled model), "
             "measured by `python -m bench.abuse --record`: peak-RSS growth of the worker (VmHWM reset just "
             f"before the request) and wall time to the answer. Every row must answer within {MAX_SECONDS:g} s "
             f"and {MAX_GROWTH_MB:g} MB with a 4xx/503 or a correct 200, and leave the worker serving.\n\n"
