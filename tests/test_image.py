@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import pickle
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from app.errors import InputError
 from app.image import (
+    PNG_SIGNATURE,
     ImageInfo,
     decode_png,
     mnistify,
@@ -191,6 +196,200 @@ def test_png_declared_pixels_reads_only_the_header() -> None:
     assert png_declared_pixels(b"\x89PNG\r\n\x1a\n") == 0
 
 
+# -- The libspng decoder for plain PNGs, against Pillow -----------------------------------------
+
+_ROOT = Path(__file__).resolve().parents[1]
+# Adam7's passes: first row, first column, row step, column step.
+_ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1))
+_PILLOW_ONLY = """
+import pickle, sys
+sys.modules["pyspng"] = None  # its import fails, as on a platform without a wheel
+from app.errors import InputError
+from app.image import png_to_gray
+results = []
+for body in pickle.load(sys.stdin.buffer):
+    try:
+        results.append(png_to_gray(body, 1 << 24))
+    except InputError as exc:
+        results.append((exc.status_code, exc.detail))
+sys.stdout.buffer.write(pickle.dumps(results))
+"""
+
+
+def _decode_all(bodies: list[bytes]) -> list[np.ndarray | tuple[int, str]]:
+    results: list[np.ndarray | tuple[int, str]] = []
+    for body in bodies:
+        try:
+            results.append(png_to_gray(body, 1 << 24))
+        except InputError as exc:
+            results.append((exc.status_code, exc.detail))
+    return results
+
+
+def _decode_all_with_pillow(bodies: list[bytes]) -> list[np.ndarray | tuple[int, str]]:
+    """What app.image gives for each body where pyspng cannot be imported (a fresh interpreter)."""
+    env = {**os.environ, "PYTHONPATH": str(_ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", _PILLOW_ONLY], input=pickle.dumps(bodies), capture_output=True, env=env, check=True
+    )
+    results: list[np.ndarray | tuple[int, str]] = pickle.loads(done.stdout)
+    return results
+
+
+def _chunks(body: bytes) -> list[tuple[bytes, bytes]]:
+    """A PNG's chunks, each as (type, the whole chunk with its length and CRC)."""
+    out, pos = [], 8
+    while pos < len(body):
+        (length,) = struct.unpack_from(">I", body, pos)
+        out.append((body[pos + 4 : pos + 8], body[pos : pos + 12 + length]))
+        pos += 12 + length
+    return out
+
+
+def _rebuilt(body: bytes, *, idat_size: int = 0, after_image: bytes = b"") -> bytes:
+    """``body`` with its image data re-cut into IDAT chunks of ``idat_size`` and chunks inserted before IEND."""
+    chunks = _chunks(body)
+    data = b"".join(chunk[8:-4] for kind, chunk in chunks if kind == b"IDAT")
+    size = idat_size or len(data)
+    idats = b"".join(_png_chunk(b"IDAT", data[i : i + size]) for i in range(0, len(data), size))
+    head = b"".join(chunk for kind, chunk in chunks[:-1] if kind != b"IDAT")
+    return PNG_SIGNATURE + head + idats + after_image + _png_chunk(b"IEND", b"")
+
+
+def _interlaced_png(pixels: np.ndarray) -> bytes:
+    """An Adam7-interlaced 8-bit grey or RGB PNG (Pillow reads them but does not write them)."""
+    height, width = pixels.shape[:2]
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0 if pixels.ndim == 2 else 2, 0, 0, 1)
+    passes = (pixels[y0::dy, x0::dx] for y0, x0, dy, dx in _ADAM7)
+    raw = b"".join(b"\0" + row.tobytes() for sub in passes if sub.size for row in sub)
+    return (
+        PNG_SIGNATURE + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b"")
+    )
+
+
+def _rgb16_png(pixels: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG (Pillow reads it as 8-bit "RGB" but does not write it)."""
+    height, width = pixels.shape[:2]
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    raw = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+    return (
+        PNG_SIGNATURE + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b"")
+    )
+
+
+def _plain_and_other_pngs() -> dict[str, bytes]:
+    rng = np.random.default_rng(17)
+    rgb = rng.integers(0, 256, (37, 45, 3), dtype=np.uint8)
+    rgb[8:30, 15:25] = 0  # a dark bar: something for the grey and the compositing to keep
+    alpha = rng.integers(0, 256, (37, 45), dtype=np.uint8)
+    alpha[:4] = 0
+    alpha[-4:] = 255
+    grey = Image.fromarray(rgb, "RGB").convert("L")
+    orientation = Image.Exif()
+    orientation[0x0112] = 6
+    upright = png_bytes(Image.fromarray(rgb, "RGB"))
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Software", "a test")
+    return {
+        "RGB": upright,
+        "RGB, fastest compression": png_bytes(Image.fromarray(rgb, "RGB"), compress_level=1),
+        "RGBA, opaque": png_bytes(Image.fromarray(np.dstack([rgb, np.full_like(alpha, 255)]), "RGBA")),
+        "RGBA, with alpha": png_bytes(Image.fromarray(np.dstack([rgb, alpha]), "RGBA")),
+        "L": png_bytes(grey),
+        "LA": png_bytes(Image.merge("LA", (grey, Image.fromarray(alpha, "L")))),
+        "P": png_bytes(Image.fromarray(rgb, "RGB").quantize(64)),
+        "P, transparent": png_bytes(Image.fromarray(rgb, "RGB").quantize(64), transparency=0),
+        "1": png_bytes(grey.convert("1")),
+        "L, transparent": png_bytes(grey, transparency=0),
+        "RGB, transparent": png_bytes(Image.fromarray(rgb, "RGB"), transparency=(0, 0, 0)),
+        "I;16": png_bytes(Image.fromarray(np.asarray(grey).astype(np.uint16) * 257 + 3)),
+        "RGB, 16-bit": _rgb16_png(rgb.astype(np.uint16) * 257 + 100),
+        "RGB, interlaced": _interlaced_png(rgb),
+        "L, interlaced": _interlaced_png(np.asarray(grey)),
+        "RGB, EXIF orientation": png_bytes(Image.fromarray(rgb, "RGB"), exif=orientation),
+        "RGB, EXIF orientation after the image data": _rebuilt(
+            upright, after_image=_png_chunk(b"eXIf", orientation.tobytes())
+        ),
+        "RGB, text": png_bytes(Image.fromarray(rgb, "RGB"), pnginfo=text),
+        "RGB, text after the image data": _rebuilt(upright, after_image=_png_chunk(b"tEXt", b"Software\0a test")),
+        "RGB, image data in 300-byte chunks": _rebuilt(upright, idat_size=300),
+        "RGB, bytes after IEND": upright + b"trailing bytes",
+    }
+
+
+def test_plain_pngs_decode_to_pillows_grey_levels() -> None:
+    """libspng (RGB, RGBA, L) and Pillow (every other PNG) give exactly the grey levels of Pillow alone."""
+    pytest.importorskip("pyspng")
+    cases = _plain_and_other_pngs()
+    here, pillow = _decode_all(list(cases.values())), _decode_all_with_pillow(list(cases.values()))
+    for name, got, expected in zip(cases, here, pillow, strict=True):
+        assert isinstance(expected, np.ndarray), (name, expected)
+        assert isinstance(got, np.ndarray), (name, got)
+        assert got.dtype == expected.dtype, name
+        assert got.shape == expected.shape, name
+        assert np.array_equal(got, expected), name
+    decoded = dict(zip(cases, here, strict=True))
+    # The hand-built files are what they claim: the same pixels as Pillow's own encoding.
+    assert np.array_equal(decoded["RGB, interlaced"], decoded["RGB"])
+    for name in ("RGB, EXIF orientation", "RGB, EXIF orientation after the image data"):
+        assert np.array_equal(decoded[name], np.rot90(decoded["RGB"], -1)), name  # 6: turned right
+    assert not np.array_equal(decoded["RGBA, with alpha"], decoded["RGBA, opaque"])
+
+
+def test_png_end_to_end_with_libspng_matches_pillow() -> None:
+    pytest.importorskip("pyspng")
+    paper = np.full((280, 280, 3), 235, np.uint8)
+    paper[40:240, 120:150] = (20, 30, 90)  # a blue ballpoint bar on white paper, as the bench's pictures
+    body = png_bytes(Image.fromarray(paper, "RGB"))
+    row = to_model_input(body, max_pixels=MAX_PIXELS)
+    expected = _decode_all_with_pillow([body])[0]
+    assert isinstance(expected, np.ndarray)
+    assert np.array_equal(row, mnistify(expected).reshape(1, 784))
+
+
+def test_broken_pngs_are_refused_as_pillow_refuses_them() -> None:
+    """Truncated and corrupt PNGs: the same status and the same words as with Pillow alone."""
+    rgb = png_bytes(Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 40, 3), dtype=np.uint8), "RGB"))
+    chunks = _chunks(rgb)
+    idat = next(chunk for kind, chunk in chunks if kind == b"IDAT")
+    start = rgb.index(idat)
+    flipped = bytearray(rgb)
+    flipped[start + 40] ^= 0x10  # inside the compressed data; the chunk's CRC now fails
+    wrong_adler = bytearray(rgb)
+    wrong_adler[start + len(idat) - 5] ^= 0xFF  # zlib's checksum, the IDAT's last byte before its CRC
+    # A deflate stream that is broken (an invalid block type) in a chunk whose CRC is right.
+    invalid_block = _rebuilt(rgb[:start] + _png_chunk(b"IDAT", b"\x78\x9c" + b"\xff" * 20) + rgb[start + len(idat) :])
+    bodies = {
+        "cut in the image data": rgb[: start + len(idat) // 2],
+        "cut before the image data": rgb[:40],
+        "cut in IEND": rgb[:-6],
+        "no IEND": rgb[:-12],
+        "a bit flipped in the image data": bytes(flipped),
+        "wrong Adler-32": bytes(wrong_adler),
+        "invalid deflate block, right CRC": invalid_block,
+        "zeroed image data": rgb[:60] + b"\0" * 20 + rgb[80:],
+    }
+    here, pillow = _decode_all(list(bodies.values())), _decode_all_with_pillow(list(bodies.values()))
+    refused = {name: got for name, got in zip(bodies, here, strict=True) if isinstance(got, tuple)}
+    assert set(refused) >= {
+        "cut in the image data",
+        "cut before the image data",
+        "a bit flipped in the image data",
+        "wrong Adler-32",
+        "invalid deflate block, right CRC",
+        "zeroed image data",
+    }
+    for name, (status, detail) in refused.items():
+        assert status == 422, name
+        assert detail.startswith("corrupt or truncated PNG ("), (name, detail)
+    for name, got, expected in zip(bodies, here, pillow, strict=True):
+        if isinstance(expected, tuple):
+            assert got == expected, name
+        else:
+            assert isinstance(got, np.ndarray), (name, got)
+            assert np.array_equal(got, expected), name
+
+
 # -- JPEG, WebP, EXIF and the header probe -------------------------------------------------------
 
 
@@ -303,6 +502,7 @@ def test_to_png_base64_is_the_row_as_a_28x28_png() -> None:
 
 
 def _noise_png(rng: np.random.Generator, kind: str) -> bytes:
+    pixels: np.ndarray
     if kind == "uniform":
         pixels = rng.integers(0, 256, (200, 300, 3))
     else:  # camera noise on light-grey paper, nothing written
