@@ -23,6 +23,7 @@ from app import image
 from app.errors import InputError
 
 __all__ = [
+    "check_value_count",
     "decode_json",
     "decode_npy",
     "decode_uint8",
@@ -235,8 +236,29 @@ def _convert(value: Any, arrays: list[int], depth: int, numbers: bool) -> Any:
     return {key: _convert(value[key], arrays, depth + 1, key in _NUMBER_KEYS and not strings) for key in keys}
 
 
+# Commas a JSON body may hold beyond its images' values (keys, short lists, strings with commas).
+_COMMA_SLACK = 4096
+
+
+def check_value_count(body: bytes, max_batch: int) -> None:
+    """413 before parsing when the JSON holds more values than ``max_batch`` images can.
+
+    Parsing costs memory by the number of values (a 8 MB body of ``0,0,0...`` is 4 million of
+    them, ~130 MB to parse), but at most ``max_batch`` x 784 of them can be an answerable request.
+    Counting commas is one C-speed pass; a comma inside a string only makes the count larger.
+    """
+    limit = max_batch * PIXELS + _COMMA_SLACK
+    if body.count(b",") > limit:
+        raise InputError(
+            413,
+            f"the JSON holds over {limit:,} values; a request takes at most {max_batch} images of 784 values: "
+            "split it into smaller requests",
+        )
+
+
 def decode_json(body: bytes, max_batch: int) -> tuple[np.ndarray, bool]:
     """``{"pixels": [...]}`` or ``{"instances": [[...], ...]}`` to (float32 ``[N, 784]``, is_batch)."""
+    check_value_count(body, max_batch)
     doc = load_json_numbers(body, _JSON_HINT)
     if len(doc) == 1 and "pixels" in doc:
         pixels = doc["pixels"]

@@ -29,6 +29,7 @@ import orjson
 
 from app import __version__, image
 from app.decode import (
+    check_value_count,
     image_elements,
     load_json_numbers,
     only_numbers_besides,
@@ -167,6 +168,7 @@ def parse_infer_request(body: bytes, header_length: str | None, max_batch: int, 
             f"the JSON part of the request is {len(header)} bytes, over the limit of {max_json_bytes}: send big "
             "tensors as binary data (the binary tensor data extension)",
         )
+    check_value_count(header, max_batch)
     doc = load_json_numbers(header, _HINT)
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):

@@ -301,3 +301,13 @@ def test_unit_scale_is_the_one_uint8_arithmetic() -> None:
     assert raw.dtype == np.uint8
     assert raw.shape == (16, 784)
     assert np.array_equal(unit_scale(raw), decode_uint8(body, 100))
+
+
+def test_more_values_than_a_request_can_hold_is_413_before_parsing() -> None:
+    body = b'{"pixels": [' + b"0," * 200_000 + b"0]}"  # 200,001 values: no batch of 16 holds that many
+    error = _err(decode_json, body, MAX_BATCH)
+    assert error.status_code == 413
+    assert "split it into smaller requests" in error.detail
+    # A full batch and its keys are well within the count.
+    x, _ = decode_json(_json({"instances": [[0.5] * 784] * MAX_BATCH}), MAX_BATCH)
+    assert x.shape == (MAX_BATCH, 784)
