@@ -23,13 +23,16 @@ makes a variant with other limits.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from app.config import get_settings
-from app.fast_lane import DirectLane, Response, eligible
+
+if TYPE_CHECKING:  # app.fast_lane imports torch: the launcher, which imports this module, must not
+    from app.fast_lane import DirectLane, LaneRequest, Response
 
 __all__ = ["GuardedHttpToolsProtocol", "guarded_protocol"]
 
@@ -216,19 +219,25 @@ async def _no_app(scope: Any, receive: Any, send: Any) -> None:
     return None
 
 
-def _direct_lane(config: Any) -> tuple[DirectLane, ProxyHeadersMiddleware | None] | None:
-    """The served app's direct lane, and the proxy-headers step uvicorn puts before the app.
+_Lane = tuple["DirectLane", "ProxyHeadersMiddleware | None", "Callable[[Any], LaneRequest | None]"]
+
+
+def _direct_lane(config: Any) -> _Lane | None:
+    """The served app's direct lane, the proxy-headers step uvicorn puts before the app, and
+    :func:`app.fast_lane.eligible`.
 
     None (every request through ASGI) unless the app uvicorn loaded is exactly a service with a
     lane, behind at most uvicorn's proxy-headers middleware: any other wrapper must see every request.
     """
+    from app.fast_lane import DirectLane, eligible  # in a worker, where the app has imported it
+
     app = config.loaded_app
     proxy = None
     if type(app) is ProxyHeadersMiddleware:
         proxy = ProxyHeadersMiddleware(_no_app, trusted_hosts=config.forwarded_allow_ips)
         app = app.app
     lane = getattr(app, "lane", None)
-    return (lane, proxy) if isinstance(lane, DirectLane) else None
+    return (lane, proxy, eligible) if isinstance(lane, DirectLane) else None
 
 
 class _Cycle(RequestResponseCycle):
@@ -240,15 +249,15 @@ class _Cycle(RequestResponseCycle):
     write (HEAD), when the body message returns.
     """
 
-    lane: tuple[DirectLane, ProxyHeadersMiddleware | None] | None = None
+    lane: _Lane | None = None
 
     async def run_asgi(self, app: Any) -> None:
         scope: Any = self.scope  # uvicorn's typed dict; the lane takes any ASGI scope
-        request = eligible(scope) if self.lane is not None else None
+        request = self.lane[2](scope) if self.lane is not None else None
         if request is None:
             await super().run_asgi(app)
             return
-        lane, proxy = self.lane  # type: ignore[misc]
+        lane, proxy, _ = self.lane  # type: ignore[misc]
         try:
             if proxy is not None:
                 await proxy(self.scope, self.receive, self.send)  # rewrites the client and scheme, as uvicorn does

@@ -323,3 +323,12 @@ def test_startup_ends_with_a_frozen_heap(models_dir: Path, restore_gc: None) -> 
     with TestClient(served) as client:
         assert gc.get_freeze_count() > 100_000  # imports, model and all: out of the collector's sight
         assert client.get("/health/ready").status_code == 200
+
+
+def test_the_launcher_does_not_import_torch() -> None:
+    """Importing torch takes ~1 s: the supervisor starts workers sooner without it (they load it)."""
+    code = "import sys, app.__main__, app.protocol; print('torch' in sys.modules)"
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
