@@ -56,7 +56,7 @@ class LineBuffer(logging.StreamHandler):
         self._lines: list[str] = []
         self._size = 0
         self._wake = threading.Event()
-        self._flusher_pid = 0  # the process whose flusher thread runs (a forked child starts its own)
+        self._flusher_pid = 0  # the process whose flusher thread runs
         self._closed = False
 
     def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
@@ -65,13 +65,7 @@ class LineBuffer(logging.StreamHandler):
         except Exception:
             self.handleError(record)
             return
-        self._lines.append(line)
-        self._size += len(line)
-        if record.levelno >= logging.WARNING or self._size >= self.limit or self._closed:
-            self._write()
-        elif self._flusher_pid != os.getpid():
-            self._flusher_pid = os.getpid()
-            threading.Thread(target=self._run, name="log-flush", daemon=True).start()
+        self._hold(line, record.levelno)
 
     def line(self, logger: logging.Logger, level: int, message: str) -> bool:
         """Write ``message`` as ``logger.log(level, message)`` would, without a LogRecord, when
@@ -88,14 +82,18 @@ class LineBuffer(logging.StreamHandler):
         now = time.time()
         text = f"{self.formatter.stamp(now)} {logging.getLevelName(level)} {logger.name} {message}{self.terminator}"
         with self.lock:  # type: ignore[union-attr]
-            self._lines.append(text)
-            self._size += len(text)
-            if self._size >= self.limit or self._closed:
-                self._write()
-            elif self._flusher_pid != os.getpid():
-                self._flusher_pid = os.getpid()
-                threading.Thread(target=self._run, name="log-flush", daemon=True).start()
+            self._hold(text, level)
         return True
+
+    def _hold(self, text: str, level: int) -> None:
+        """Buffer one line (lock held): written now for a warning or worse, a full buffer or a closed handler."""
+        self._lines.append(text)
+        self._size += len(text)
+        if level >= logging.WARNING or self._size >= self.limit or self._closed:
+            self._write()
+        elif self._flusher_pid != os.getpid():  # one flusher thread per process (a forked child starts its own)
+            self._flusher_pid = os.getpid()
+            threading.Thread(target=self._run, name="log-flush", daemon=True).start()
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]

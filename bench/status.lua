@@ -1,16 +1,9 @@
 -- wrk script for bench/overload.py: POST one fixed body, count answers by status and the 503s
 -- that lack Retry-After, then print one machine-readable line (BENCH_BODY: the body file,
 -- BENCH_HEADERS: "name: value" lines).
-local file = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
-wrk.method = "POST"
-wrk.body = file:read("*a")
-file:close()
-for line in string.gmatch(os.getenv("BENCH_HEADERS") or "", "[^\n]+") do
-  local name, value = string.match(line, "^([^:]+):%s*(.*)$")
-  if name ~= nil then
-    wrk.headers[name] = value
-  end
-end
+-- The body and headers are set up as for every bench cell: bench/post.lua, next to this file
+-- (its done() is replaced below).
+dofile((string.match(debug.getinfo(1, "S").source, "^@(.*/)") or "") .. "post.lua")
 
 local threads = {}
 

@@ -1,12 +1,18 @@
-"""Small helpers shared by tests: PNG encoding and MNIST-to-"drawn" image transforms."""
+"""Small helpers shared by tests: PNG encoding, MNIST-to-"drawn" image transforms, a server in a thread."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import uvicorn
 from PIL import Image
 
 from app.registry import MLP, atomic_write, load_model, save_checkpoint, write_pointer
@@ -97,3 +103,20 @@ class RunsCode:
 
     def __reduce__(self) -> tuple[object, tuple[str]]:
         return (Path.touch, (str(self.marker),))  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def serving(app: Any, **config: Any) -> Iterator[int]:
+    """``app`` served by uvicorn in a thread on a free 127.0.0.1 port; yields the port (``config``: uvicorn.Config)."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, **config))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -11,8 +11,6 @@ import dataclasses
 import io
 import logging
 import re
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,6 @@ import numpy as np
 import orjson
 import pytest
 import torch
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -33,7 +30,7 @@ from app.metrics import PredictionCounter
 from app.middleware import RequestContextMiddleware, StartupErrorMiddleware
 from app.protocol import guarded_protocol
 from app.serving import INLINE_BYTES
-from tests.helpers import png_bytes
+from tests.helpers import png_bytes, serving
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SEVEN_PNG = (FIXTURES / "seven.png").read_bytes()
@@ -285,17 +282,8 @@ def served(models_dir: Path) -> Iterator[tuple[str, list[int]]]:
         return await respond(*args)
 
     app.lane.respond = counted  # type: ignore[method-assign]
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, http=guarded_protocol(64 * 1024, 10.0), log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", calls
-    server.should_exit = True
-    thread.join(30)
+    with serving(app, http=guarded_protocol(64 * 1024, 10.0), log_level="warning") as port:
+        yield f"http://127.0.0.1:{port}", calls
 
 
 def _over_http(base: str, path: str, content_type: str | None, body: bytes) -> tuple[httpx.Response, httpx.Response]:
@@ -351,23 +339,11 @@ def test_the_direct_lane_keeps_ids_metrics_and_keep_alive(served: tuple[str, lis
 
 def test_the_direct_lane_keeps_uvicorns_concurrency_limit(models_dir: Path) -> None:
     app = create_app(Settings(model_dir=models_dir, reload_interval=0, access_log=False))
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, http=guarded_protocol(64 * 1024, 10.0), log_level="critical", limit_concurrency=2
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
     body = orjson.dumps({"pixels": SEVEN})
-    try:
+    lane_protocol = guarded_protocol(64 * 1024, 10.0)
+    with serving(app, http=lane_protocol, log_level="critical", limit_concurrency=2) as port:
+        base = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=base, timeout=30) as first, httpx.Client(base_url=base, timeout=30) as second:
             assert first.get("/health/live").status_code == 200  # holds one connection open
             over = second.post("/predict", content=body, headers={"content-type": "application/json"})
-        assert over.status_code == 503  # uvicorn's answer over the limit, not the lane's
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    assert over.status_code == 503  # uvicorn's answer over the limit, not the lane's

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,22 +16,14 @@ import uvicorn
 from app.config import Settings
 from app.main import create_app
 from app.protocol import guarded_protocol
+from tests.helpers import serving
 
 
 @pytest.fixture
 def port(models_dir: Path) -> Iterator[int]:
     app = create_app(Settings(model_dir=models_dir, reload_interval=0, access_log=False))
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, http=guarded_protocol(16 * 1024, 1.0), log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield server.servers[0].sockets[0].getsockname()[1]
-    server.should_exit = True
-    thread.join(30)
+    with serving(app, http=guarded_protocol(16 * 1024, 1.0), log_level="warning") as bound:
+        yield bound
 
 
 def _answer(sock: socket.socket) -> bytes:
