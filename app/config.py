@@ -61,7 +61,9 @@ class Settings(BaseSettings):
         "sockets and memory, far above what the compute budgets admit",
     )
     backlog: int = Field(4096, ge=64, description="connections the kernel queues per listening socket")
-    torch_threads: int = Field(1, ge=0, description="intra-op threads per worker; 0 keeps torch's default")
+    torch_threads: int = Field(
+        1, ge=0, description="intra-op threads per worker (torch and numpy's BLAS); 0 keeps their defaults"
+    )
     microbatch: bool = Field(
         True, description="run concurrent small /predict requests as one forward pass (docs/performance.md)"
     )

@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.datastructures import State
 from starlette.types import ASGIApp, Receive, Scope, Send
+from threadpoolctl import threadpool_limits
 
 from app import __version__, metrics
 from app.config import Settings, get_settings
@@ -82,7 +83,10 @@ def create_app(settings: Settings | None = None) -> Service:
         metrics.setup()  # before the store: loading the model records mnist_model_info
         if settings.torch_threads:
             # One intra-op thread per worker: workers, not threads, use the cores for small batches.
+            # numpy's BLAS too (an image's 20x20 resize is a small matrix product): its idle threads
+            # spin on the cores the other workers need.
             torch.set_num_threads(settings.torch_threads)
+            threadpool_limits(settings.torch_threads, user_api="blas")
         store = ModelStore(settings)
         app.state.store = store
         try:

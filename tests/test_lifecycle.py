@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -361,3 +363,29 @@ def test_admin_publish_that_cannot_write_the_pointer_is_503_and_changes_nothing(
         assert "nothing was published" in response.json()["detail"]
         assert client.get("/model").json()["version"] == good
     assert read_pointer(models_dir) == good
+
+
+_THREADS = """
+import sys, torch
+from fastapi.testclient import TestClient
+from threadpoolctl import threadpool_info
+from app.config import Settings
+from app.main import create_app
+with TestClient(create_app(Settings(model_dir=sys.argv[1], reload_interval=0, torch_threads=int(sys.argv[2])))):
+    blas = sorted({pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"})
+    print(torch.get_num_threads(), *blas)
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_startup_sets_torch_and_numpy_blas_threads(models_dir: Path, threads: int) -> None:
+    """torch_threads applies to torch and to numpy's BLAS (the image resize), whose idle threads would spin."""
+    out = subprocess.run(
+        [sys.executable, "-c", _THREADS, str(models_dir), str(threads)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    ).stdout.split()
+    assert out[0] == str(threads)
+    assert out[1:] == [str(threads)]  # numpy's OpenBLAS found, and limited
