@@ -201,9 +201,10 @@ def test_png_declared_pixels_reads_only_the_header() -> None:
 _ROOT = Path(__file__).resolve().parents[1]
 # Adam7's passes: first row, first column, row step, column step.
 _ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1))
-_PILLOW_ONLY = """
+_WITHOUT = """
 import pickle, sys
-sys.modules["pyspng"] = None  # its import fails, as on a platform without a wheel
+for name in sys.argv[1:]:
+    sys.modules[name] = None  # its import fails, as on a platform without a wheel
 from app.errors import InputError
 from app.image import png_to_gray
 results = []
@@ -226,11 +227,20 @@ def _decode_all(bodies: list[bytes]) -> list[np.ndarray | tuple[int, str]]:
     return results
 
 
-def _decode_all_with_pillow(bodies: list[bytes]) -> list[np.ndarray | tuple[int, str]]:
-    """What app.image gives for each body where pyspng cannot be imported (a fresh interpreter)."""
+def _decode_all_with_pillow(
+    bodies: list[bytes], without: tuple[str, ...] = ("pyspng",)
+) -> list[np.ndarray | tuple[int, str]]:
+    """What app.image gives for each body where ``without`` cannot be imported (a fresh interpreter).
+
+    Without pyspng, Pillow decodes every PNG; without deflate, libspng inflates with zlib.
+    """
     env = {**os.environ, "PYTHONPATH": str(_ROOT)}
     done = subprocess.run(
-        [sys.executable, "-c", _PILLOW_ONLY], input=pickle.dumps(bodies), capture_output=True, env=env, check=True
+        [sys.executable, "-c", _WITHOUT, *without],
+        input=pickle.dumps(bodies),
+        capture_output=True,
+        env=env,
+        check=True,
     )
     results: list[np.ndarray | tuple[int, str]] = pickle.loads(done.stdout)
     return results
@@ -318,16 +328,23 @@ def _plain_and_other_pngs() -> dict[str, bytes]:
 
 
 def test_plain_pngs_decode_to_pillows_grey_levels() -> None:
-    """libspng (RGB, RGBA, L) and Pillow (every other PNG) give exactly the grey levels of Pillow alone."""
+    """libspng (RGB, RGBA, L) and Pillow (every other PNG) give exactly the grey levels of Pillow alone.
+
+    So does libspng inflating with zlib where libdeflate is missing.
+    """
     pytest.importorskip("pyspng")
+    pytest.importorskip("deflate")
     cases = _plain_and_other_pngs()
-    here, pillow = _decode_all(list(cases.values())), _decode_all_with_pillow(list(cases.values()))
-    for name, got, expected in zip(cases, here, pillow, strict=True):
+    bodies = list(cases.values())
+    here, zlib_only = _decode_all(bodies), _decode_all_with_pillow(bodies, without=("deflate",))
+    pillow = _decode_all_with_pillow(bodies)
+    for name, got, spng_zlib, expected in zip(cases, here, zlib_only, pillow, strict=True):
         assert isinstance(expected, np.ndarray), (name, expected)
-        assert isinstance(got, np.ndarray), (name, got)
-        assert got.dtype == expected.dtype, name
-        assert got.shape == expected.shape, name
-        assert np.array_equal(got, expected), name
+        for decoded in (got, spng_zlib):
+            assert isinstance(decoded, np.ndarray), (name, decoded)
+            assert decoded.dtype == expected.dtype, name
+            assert decoded.shape == expected.shape, name
+            assert np.array_equal(decoded, expected), name
     decoded = dict(zip(cases, here, strict=True))
     # The hand-built files are what they claim: the same pixels as Pillow's own encoding.
     assert np.array_equal(decoded["RGB, interlaced"], decoded["RGB"])
@@ -359,6 +376,12 @@ def test_broken_pngs_are_refused_as_pillow_refuses_them() -> None:
     wrong_adler[start + len(idat) - 5] ^= 0xFF  # zlib's checksum, the IDAT's last byte before its CRC
     # A deflate stream that is broken (an invalid block type) in a chunk whose CRC is right.
     invalid_block = _rebuilt(rgb[:start] + _png_chunk(b"IDAT", b"\x78\x9c" + b"\xff" * 20) + rgb[start + len(idat) :])
+    # The encoder's own mistakes, under right CRCs: a wrong Adler-32, rows missing, rows to spare.
+    rows = zlib.decompress(idat[8:-4])
+    bad_adler = zlib.compress(rows)[:-4] + (zlib.adler32(rows) ^ 1).to_bytes(4, "big")
+    encoder_adler = rgb[:start] + _png_chunk(b"IDAT", bad_adler) + rgb[start + len(idat) :]
+    short = rgb[:start] + _png_chunk(b"IDAT", zlib.compress(rows[:-121])) + rgb[start + len(idat) :]
+    long = rgb[:start] + _png_chunk(b"IDAT", zlib.compress(rows + rows[-121:])) + rgb[start + len(idat) :]
     bodies = {
         "cut in the image data": rgb[: start + len(idat) // 2],
         "cut before the image data": rgb[:40],
@@ -368,6 +391,9 @@ def test_broken_pngs_are_refused_as_pillow_refuses_them() -> None:
         "wrong Adler-32": bytes(wrong_adler),
         "invalid deflate block, right CRC": invalid_block,
         "zeroed image data": rgb[:60] + b"\0" * 20 + rgb[80:],
+        "wrong Adler-32, right CRC": encoder_adler,
+        "a row missing, right CRC": short,
+        "a row to spare, right CRC": long,
     }
     here, pillow = _decode_all(list(bodies.values())), _decode_all_with_pillow(list(bodies.values()))
     refused = {name: got for name, got in zip(bodies, here, strict=True) if isinstance(got, tuple)}
@@ -378,10 +404,18 @@ def test_broken_pngs_are_refused_as_pillow_refuses_them() -> None:
         "wrong Adler-32",
         "invalid deflate block, right CRC",
         "zeroed image data",
+        "wrong Adler-32, right CRC",
     }
     for name, (status, detail) in refused.items():
         assert status == 422, name
         assert detail.startswith("corrupt or truncated PNG ("), (name, detail)
+    try:
+        import deflate  # noqa: F401
+        import pyspng  # noqa: F401
+    except ImportError:
+        pass
+    else:  # libdeflate's check refuses it: libspng inflating with zlib checks no Adler-32 and decodes it
+        assert isinstance(_decode_all_with_pillow([encoder_adler], without=("deflate",))[0], np.ndarray)
     for name, got, expected in zip(bodies, here, pillow, strict=True):
         if isinstance(expected, tuple):
             assert got == expected, name
