@@ -500,12 +500,7 @@ class InProcess:
     """``app.image.to_model_input`` and the bundled model, called directly."""
 
     def __init__(self, model_dir: Path, max_pixels: int) -> None:
-        from app.registry import load_model, read_pointer, version_path
-
-        version = read_pointer(model_dir)
-        if version is None:
-            raise SystemExit(f"no CURRENT model in {model_dir}")
-        self.model, _ = load_model(version_path(model_dir, version))
+        self.model = _current_model(model_dir)
         self.max_pixels = max_pixels
 
     def __call__(self, sample: Sample) -> tuple[int | None, str]:
@@ -566,10 +561,19 @@ def _start_server(model_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
 def direct_labels(model_dir: Path, images: np.ndarray) -> np.ndarray:
     """The model's answer for each test digit as MNIST gives it (28x28): the ceiling for every way."""
     from app.inference import predict_proba
-    from app.registry import load_model, read_pointer, version_path
 
-    model, _ = load_model(version_path(model_dir, str(read_pointer(model_dir))))
+    model = _current_model(model_dir)
     return predict_proba(model, images.reshape(-1, 784).astype(np.float32) / 255).argmax(axis=1)
+
+
+def _current_model(model_dir: Path):  # noqa: ANN202 - app.model.MLP, imported lazily
+    """The model ``CURRENT`` names, as the service resolves it (the registry's checks, its errors)."""
+    from app.registry import CheckpointError, current_checkpoint, load_model
+
+    try:
+        return load_model(current_checkpoint(model_dir))[0]
+    except CheckpointError as exc:
+        raise SystemExit(f"no usable CURRENT model in {model_dir}: {exc.path}: {exc.problem}") from None
 
 
 def run(
