@@ -297,6 +297,7 @@ def _spng_gray(data: bytes, image: Image.Image, image_data: list[memoryview]) ->
         if len(rows) != size:
             return None
         data = _stored_png(data[:_IHDR_END], rows)
+        del rows  # the largest transient: the rows are in ``data`` now
     try:
         pixels = _spng_load(data)
     except _SPNG_ERRORS:
