@@ -139,6 +139,7 @@ _IHDR_HEAD = b"\x00\x00\x00\x0dIHDR"  # the first chunk's length (13) and type
 _IHDR_END = 8 + 8 + 13 + 4  # signature, IHDR's length and type, its data, its CRC
 _IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _STORED_BLOCK = 65535  # the most one stored deflate block holds
+_STORED_MAX = 4 * 1024 * 1024  # rows handed to libspng as a stored copy (a 1024x1024 RGBA picture): 4 MiB more memory
 
 Image.MAX_IMAGE_PIXELS = None  # our own, lower limit is checked before decoding (see _decoded_size)
 
@@ -281,8 +282,9 @@ def _spng_gray(data: bytes, image: Image.Image, image_data: list[memoryview]) ->
     With libdeflate installed, it inflates the image data (SIMD copies and checksums: a tenth of
     zlib's time for a mostly blank drawing) and checks the Adler-32 and the exact size, and
     libspng only undoes the row filters of that data, handed over as stored (uncompressed)
-    deflate blocks. Pillow decodes whatever either refuses: a file it takes is taken as before,
-    and one it refuses is refused with its own words.
+    deflate blocks; a picture of over ``_STORED_MAX`` bytes of rows is inflated again by libspng
+    instead, which costs less than a second copy of it. Pillow decodes whatever either refuses:
+    a file it takes is taken as before, and one it refuses is refused with its own words.
     """
     if _spng_load is None:
         return None
@@ -296,8 +298,11 @@ def _spng_gray(data: bytes, image: Image.Image, image_data: list[memoryview]) ->
             return None
         if len(rows) != size:
             return None
-        data = _stored_png(data[:_IHDR_END], rows)
-        del rows  # the largest transient: the rows are in ``data`` now
+        if size <= _STORED_MAX:
+            data = _stored_png(data[:_IHDR_END], rows)
+        # else libspng inflates the file again: a stored copy of a big picture would double the
+        # peak memory (the size and Adler-32 are checked all the same)
+        del rows
     try:
         pixels = _spng_load(data)
     except _SPNG_ERRORS:

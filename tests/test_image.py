@@ -303,6 +303,8 @@ def _plain_and_other_pngs() -> dict[str, bytes]:
     return {
         "RGB": upright,
         "RGB, fastest compression": png_bytes(Image.fromarray(rgb, "RGB"), compress_level=1),
+        # Over 4 MiB of rows: libspng inflates the file itself once libdeflate has checked it.
+        "RGB, 1200x1200": png_bytes(Image.fromarray(np.tile(rgb, (33, 27, 1))[:1200, :1200], "RGB")),
         "RGBA, opaque": png_bytes(Image.fromarray(np.dstack([rgb, np.full_like(alpha, 255)]), "RGBA")),
         "RGBA, with alpha": png_bytes(Image.fromarray(np.dstack([rgb, alpha]), "RGBA")),
         "L": png_bytes(grey),
@@ -380,6 +382,12 @@ def test_broken_pngs_are_refused_as_pillow_refuses_them() -> None:
     rows = zlib.decompress(idat[8:-4])
     bad_adler = zlib.compress(rows)[:-4] + (zlib.adler32(rows) ^ 1).to_bytes(4, "big")
     encoder_adler = rgb[:start] + _png_chunk(b"IDAT", bad_adler) + rgb[start + len(idat) :]
+    big = png_bytes(Image.new("RGB", (1200, 1200), (250, 250, 250)))  # over 4 MiB of rows
+    big_idat = next(chunk for kind, chunk in _chunks(big) if kind == b"IDAT")
+    big_rows = zlib.decompress(big_idat[8:-4])
+    big_bad = zlib.compress(big_rows)[:-4] + (zlib.adler32(big_rows) ^ 1).to_bytes(4, "big")
+    big_start = big.index(big_idat)
+    big_adler = big[:big_start] + _png_chunk(b"IDAT", big_bad) + big[big_start + len(big_idat) :]
     short = rgb[:start] + _png_chunk(b"IDAT", zlib.compress(rows[:-121])) + rgb[start + len(idat) :]
     long = rgb[:start] + _png_chunk(b"IDAT", zlib.compress(rows + rows[-121:])) + rgb[start + len(idat) :]
     bodies = {
@@ -392,6 +400,7 @@ def test_broken_pngs_are_refused_as_pillow_refuses_them() -> None:
         "invalid deflate block, right CRC": invalid_block,
         "zeroed image data": rgb[:60] + b"\0" * 20 + rgb[80:],
         "wrong Adler-32, right CRC": encoder_adler,
+        "wrong Adler-32, right CRC, 1200x1200": big_adler,
         "a row missing, right CRC": short,
         "a row to spare, right CRC": long,
     }
@@ -405,6 +414,7 @@ def test_broken_pngs_are_refused_as_pillow_refuses_them() -> None:
         "invalid deflate block, right CRC",
         "zeroed image data",
         "wrong Adler-32, right CRC",
+        "wrong Adler-32, right CRC, 1200x1200",
     }
     for name, (status, detail) in refused.items():
         assert status == 422, name
