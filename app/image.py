@@ -139,7 +139,8 @@ _IHDR_HEAD = b"\x00\x00\x00\x0dIHDR"  # the first chunk's length (13) and type
 _IHDR_END = 8 + 8 + 13 + 4  # signature, IHDR's length and type, its data, its CRC
 _IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _STORED_BLOCK = 65535  # the most one stored deflate block holds
-_STORED_MAX = 4 * 1024 * 1024  # rows handed to libspng as a stored copy (a 1024x1024 RGBA picture): 4 MiB more memory
+_STORED_MAX = 4 * 1024 * 1024  # most rows handed to libspng as a stored copy (a 1000x1000 RGBA picture)
+_MAX_IDATS = 4096  # more image data chunks than this (a 64 MB picture in libpng's 8 KB chunks): Pillow's
 
 Image.MAX_IMAGE_PIXELS = None  # our own, lower limit is checked before decoding (see _decoded_size)
 
@@ -269,6 +270,8 @@ def _plain_png(data: bytes, image: Image.Image) -> list[memoryview] | None:
         if kind == b"IDAT":
             if stop > end or zlib.crc32(view[pos + 4 : stop - 4]) != int.from_bytes(view[stop - 4 : stop], "big"):
                 return None
+            if len(chunks) == _MAX_IDATS:  # millions of empty chunks would cost ~200 bytes of memory each here
+                return None
             chunks.append(view[pos + 8 : stop - 4])
         elif chunks:
             return chunks if kind == b"IEND" and length == 0 else None
@@ -284,7 +287,10 @@ def _spng_gray(data: bytes, image: Image.Image, image_data: list[memoryview]) ->
     libspng only undoes the row filters of that data, handed over as stored (uncompressed)
     deflate blocks; a picture of over ``_STORED_MAX`` bytes of rows is inflated again by libspng
     instead, which costs less than a second copy of it. Pillow decodes whatever either refuses:
-    a file it takes is taken as before, and one it refuses is refused with its own words.
+    a file it takes is taken as before, and one it refuses is refused with its own words. (One
+    difference: libdeflate is laxer than zlib about two code-table details no encoder writes,
+    length symbols 286/287 and over-long code tables; such a stream with the right size and
+    Adler-32 decodes to exactly what its encoder meant, where Pillow's zlib refuses it.)
     """
     if _spng_load is None:
         return None
@@ -315,17 +321,22 @@ def _spng_gray(data: bytes, image: Image.Image, image_data: list[memoryview]) ->
 
 
 def _stored_png(head: bytes, rows: bytes | bytearray) -> bytes:
-    """A PNG of ``head`` (signature and IHDR) and ``rows`` (filtered scanlines) in stored deflate blocks."""
-    parts: list[bytes | memoryview] = [b"\x78\x01"]  # zlib header: deflate, 32 KB window, no preset dictionary
+    """A PNG of ``head`` (signature and IHDR) and ``rows`` (filtered scanlines) in stored deflate blocks.
+
+    One copy of the rows: the chunk's CRC is chained over the parts, which are joined once.
+    """
+    stream: list[bytes | memoryview] = [b"\x78\x01"]  # zlib header: deflate, 32 KB window, no preset dictionary
     view = memoryview(rows)
     for start in range(0, len(rows), _STORED_BLOCK):
         block = view[start : start + _STORED_BLOCK]
         final = start + _STORED_BLOCK >= len(rows)
-        parts += (struct.pack("<BHH", final, len(block), len(block) ^ 0xFFFF), block)
-    parts.append(_adler32(rows).to_bytes(4, "big"))
-    stream = b"".join(parts)
-    crc = _crc32(stream, _crc32(b"IDAT"))
-    return b"".join((head, len(stream).to_bytes(4, "big"), b"IDAT", stream, crc.to_bytes(4, "big"), _IEND))
+        stream += (struct.pack("<BHH", final, len(block), len(block) ^ 0xFFFF), block)
+    stream.append(_adler32(rows).to_bytes(4, "big"))
+    crc = _crc32(b"IDAT")
+    for part in stream:
+        crc = _crc32(part, crc)
+    length = sum(len(part) for part in stream)
+    return b"".join((head, length.to_bytes(4, "big"), b"IDAT", *stream, crc.to_bytes(4, "big"), _IEND))
 
 
 def _to_gray(image: Image.Image) -> Image.Image:

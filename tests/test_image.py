@@ -325,6 +325,7 @@ def _plain_and_other_pngs() -> dict[str, bytes]:
         "RGB, text": png_bytes(Image.fromarray(rgb, "RGB"), pnginfo=text),
         "RGB, text after the image data": _rebuilt(upright, after_image=_png_chunk(b"tEXt", b"Software\0a test")),
         "RGB, image data in 300-byte chunks": _rebuilt(upright, idat_size=300),
+        "RGB, image data in 1-byte chunks": _rebuilt(upright, idat_size=1),  # thousands: left to Pillow
         "RGB, bytes after IEND": upright + b"trailing bytes",
     }
 
