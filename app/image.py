@@ -63,6 +63,7 @@ try:
     from deflate import zlib_decompress as _inflate
 except ImportError:  # libspng inflates with zlib instead
     _inflate = None  # type: ignore[assignment]
+    _crc32 = zlib.crc32  # type: ignore[assignment]
 
 __all__ = [
     "IMAGE_TYPES",
@@ -140,6 +141,8 @@ _IHDR_END = 8 + 8 + 13 + 4  # signature, IHDR's length and type, its data, its C
 _IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _STORED_BLOCK = 65535  # the most one stored deflate block holds
 _STORED_MAX = 4 * 1024 * 1024  # most rows handed to libspng as a stored copy (a 1000x1000 RGBA picture)
+_UNIT_LEVELS = np.arange(256, dtype=np.float32) * np.float32(1 / 255)  # grey level -> [0, 1]
+_UNIT_LEVELS.flags.writeable = False
 _MAX_IDATS = 4096  # more image data chunks than this (a 64 MB picture in libpng's 8 KB chunks): Pillow's
 
 Image.MAX_IMAGE_PIXELS = None  # our own, lower limit is checked before decoding (see _decoded_size)
@@ -268,7 +271,7 @@ def _plain_png(data: bytes, image: Image.Image) -> list[memoryview] | None:
         length, kind = struct.unpack_from(">I4s", data, pos)
         stop = pos + 12 + length
         if kind == b"IDAT":
-            if stop > end or zlib.crc32(view[pos + 4 : stop - 4]) != int.from_bytes(view[stop - 4 : stop], "big"):
+            if stop > end or _crc32(view[pos + 4 : stop - 4]) != int.from_bytes(view[stop - 4 : stop], "big"):
                 return None
             if len(chunks) == _MAX_IDATS:  # millions of empty chunks would cost ~200 bytes of memory each here
                 return None
@@ -292,8 +295,6 @@ def _spng_gray(data: bytes, image: Image.Image, image_data: list[memoryview]) ->
     length symbols 286/287 and over-long code tables; such a stream with the right size and
     Adler-32 decodes to exactly what its encoder meant, where Pillow's zlib refuses it.)
     """
-    if _spng_load is None:
-        return None
     width, height = image.size
     channels = len(image.mode)
     if _inflate is not None:
@@ -485,7 +486,7 @@ def _mnist_like(full: np.ndarray) -> np.ndarray | None:
             return None
     background = paper / 255
     dark_ink = background > 0.5  # dark digit on light paper: inverted to MNIST's polarity
-    table = np.arange(256, dtype=np.float32) * np.float32(1 / 255)
+    table = _UNIT_LEVELS
     if dark_ink:
         table, background = 1.0 - table, 1.0 - background
     table = np.maximum(table - background, 0.0)
